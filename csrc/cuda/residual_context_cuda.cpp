@@ -1,0 +1,116 @@
+// CUDA implementation of rcd_ext::residual_context: torch glue around the kernels in
+// residual_context_kernels.cu. The p.E product is a cuBLAS GEMM per V-chunk through ATen
+// (mm with a float32 output dtype: half inputs, float32 accumulation on the tensor cores).
+//
+// Includes c10/cuda headers only (the CUDA toolkit here has no cuBLAS headers, so
+// ATen/cuda/CUDAContext.h is out of reach; ATen's own mm brings cuBLAS).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/residual_context_launchers.h"
+#include "residual_context.h"
+
+namespace rcd_ext {
+namespace {
+
+cuda::DType to_kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "unsupported dtype ", t);
+  }
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "rcd_ext: CUDA launch of ", what, " failed: ",
+              cudaGetErrorString(err));
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+struct CudaKernels {
+  // Large chunks keep the GEMM wide enough to fill the GPU (N=64: 65536 columns per chunk).
+  static constexpr int64_t kChunkBudgetElements = int64_t{1} << 22;
+
+  static void row_statistics(const at::Tensor& logits, const ResidualParams& params,
+                             at::Tensor& row_max, at::Tensor& row_log_norm, at::Tensor& alpha,
+                             at::Tensor& status) {
+    cuda::StatisticsArgs args{logits.data_ptr(),
+                              to_kernel_dtype(logits.scalar_type()),
+                              logits.size(0),
+                              logits.size(1),
+                              params.inv_t_res,
+                              params.temper_delta,
+                              static_cast<int32_t>(params.strategy),
+                              params.alpha_scale,
+                              params.log_vocab,
+                              row_max.data_ptr<float>(),
+                              row_log_norm.data_ptr<float>(),
+                              alpha.data_ptr<float>(),
+                              status.data_ptr<int32_t>()};
+    check_launch(cuda::launch_row_statistics(args, current_stream()), "row_statistics");
+  }
+
+  // One device-to-host copy per call: the op raises on bad rows instead of returning garbage.
+  static at::Tensor status_to_cpu(const at::Tensor& status) { return status.cpu(); }
+
+  static void chunk_probabilities(const at::Tensor& logits, const at::Tensor& row_max,
+                                  const at::Tensor& row_log_norm, const ResidualParams& params,
+                                  int64_t col0, at::Tensor& probs) {
+    cuda::ProbabilitiesArgs args{logits.data_ptr(),
+                                 to_kernel_dtype(logits.scalar_type()),
+                                 logits.size(0),
+                                 logits.size(1),
+                                 col0,
+                                 probs.size(1),
+                                 params.temper_delta ? params.inv_t_res : 1.0f,
+                                 row_max.data_ptr<float>(),
+                                 row_log_norm.data_ptr<float>(),
+                                 probs.data_ptr(),
+                                 to_kernel_dtype(probs.scalar_type()),
+                                 probs.stride(0)};
+    check_launch(cuda::launch_chunk_probabilities(args, current_stream()),
+                 "chunk_probabilities");
+  }
+
+  static void accumulate(at::Tensor& acc, const at::Tensor& probs,
+                         const at::Tensor& embed_chunk) {
+    if (embed_chunk.scalar_type() == at::kFloat) {
+      acc.addmm_(probs, embed_chunk);
+    } else {
+      acc.add_(at::mm(probs, embed_chunk, at::kFloat));
+    }
+  }
+
+  static void mix(const at::Tensor& acc, const at::Tensor& alpha, const at::Tensor& mask,
+                  at::Tensor& out) {
+    cuda::MixArgs args{acc.data_ptr<float>(), alpha.data_ptr<float>(), mask.data_ptr(),
+                       out.data_ptr(),        to_kernel_dtype(out.scalar_type()),
+                       acc.size(0),           acc.size(1)};
+    check_launch(cuda::launch_mix(args, current_stream()), "mix");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> residual_context_cuda(const at::Tensor& logits,
+                                                        const at::Tensor& embed_weight,
+                                                        const at::Tensor& mask_embed,
+                                                        double t_res, bool temper_delta,
+                                                        c10::string_view strategy,
+                                                        double alpha_scale) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  return residual_context_driver<CudaKernels>(logits, embed_weight, mask_embed, t_res,
+                                              temper_delta, std::string(strategy), alpha_scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rcd_ext, CUDA, m) { m.impl("residual_context", &residual_context_cuda); }
+
+}  // namespace rcd_ext

@@ -1,0 +1,229 @@
+// CUDA kernels of the residual-context op (torch-free; see residual_context_launchers.h).
+//
+// The op is memory-bound for N below a few hundred rows: its cost is one read of the embedding
+// table, done by the tensor-core GEMM the glue issues per V-chunk. These kernels only have to
+// stay small next to it: a statistics pass that reads the logits twice (max, then exp sums), a
+// pass that writes one chunk of probabilities in the GEMM's input dtype, and the final mix.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "residual_context_launchers.h"
+
+namespace rcd_ext::cuda {
+namespace {
+
+constexpr int kStatsThreads = 512;
+constexpr int kWarpSize = 32;
+constexpr float kLowestExponent = -104.0f;  // e^y is 0 below; avoids 0 * -inf in e^y * y
+
+// Mirrors rcd_ext::Strategy and rcd_ext::RowStatus (csrc/residual_context.h).
+constexpr int32_t kStrategyEntropy = 0;
+constexpr int32_t kStrategyConfidence = 1;
+constexpr int32_t kRowOk = 0;
+constexpr int32_t kRowNaN = 1;
+constexpr int32_t kRowPosInf = 2;
+constexpr int32_t kRowNoFiniteLogit = 3;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
+
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// Reduces over the block; every thread gets the result. `scratch` holds one float per warp.
+template <typename Op>
+__device__ float block_reduce(float v, Op op, float* scratch, float identity) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  v = warp_reduce(v, op);
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : identity;
+  return warp_reduce(v, op);
+}
+
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kStatsThreads)
+    row_statistics_kernel(const T* __restrict__ logits, int64_t vocab, float inv_t_res,
+                          bool temper_delta, int32_t strategy, float alpha_scale,
+                          float log_vocab, float* __restrict__ row_max,
+                          float* __restrict__ row_log_norm, float* __restrict__ alpha,
+                          int32_t* __restrict__ status) {
+  __shared__ float scratch[kStatsThreads / kWarpSize];
+  const int64_t row = blockIdx.x;
+  const T* z = logits + row * vocab;
+
+  float m = -INFINITY;
+  float bad_nan = 0.0f, bad_posinf = 0.0f;
+  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
+    const float x = to_float(z[v]);
+    bad_nan += isnan(x) ? 1.0f : 0.0f;
+    bad_posinf += (isinf(x) && x > 0) ? 1.0f : 0.0f;
+    m = fmaxf(m, x);
+  }
+  m = block_reduce(m, MaxOp{}, scratch, -INFINITY);
+  bad_nan = block_reduce(bad_nan, SumOp{}, scratch, 0.0f);
+  bad_posinf = block_reduce(bad_posinf, SumOp{}, scratch, 0.0f);
+  if (bad_nan > 0 || bad_posinf > 0 || isinf(m)) {
+    if (threadIdx.x == 0) {
+      status[row] = bad_nan > 0 ? kRowNaN : (bad_posinf > 0 ? kRowPosInf : kRowNoFiniteLogit);
+      row_max[row] = row_log_norm[row] = alpha[row] = 0.0f;
+    }
+    return;
+  }
+
+  const float prob_k = temper_delta ? inv_t_res : 1.0f;
+  const bool shared_sums = prob_k == inv_t_res;
+  float s_ent = 0.0f, u_ent = 0.0f, s_prob = 0.0f;
+  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
+    const float x = to_float(z[v]) - m;
+    const float y = fmaxf(x * inv_t_res, kLowestExponent);
+    const float e = __expf(y);
+    s_ent += e;
+    u_ent += e * y;
+    if (!shared_sums) s_prob += __expf(fmaxf(x * prob_k, kLowestExponent));
+  }
+  s_ent = block_reduce(s_ent, SumOp{}, scratch, 0.0f);
+  u_ent = block_reduce(u_ent, SumOp{}, scratch, 0.0f);
+  s_prob = shared_sums ? s_ent : block_reduce(s_prob, SumOp{}, scratch, 0.0f);
+
+  if (threadIdx.x == 0) {
+    const float entropy = fminf(fmaxf(logf(s_ent) - u_ent / s_ent, 0.0f), log_vocab);
+    const float normalized = entropy / log_vocab;
+    float a = alpha_scale;
+    if (strategy == kStrategyEntropy) a = alpha_scale * normalized;
+    if (strategy == kStrategyConfidence) a = alpha_scale * (1.0f - normalized);
+    status[row] = kRowOk;
+    row_max[row] = m;
+    row_log_norm[row] = logf(s_prob);
+    alpha[row] = a;
+  }
+}
+
+constexpr int kProbThreads = 256;
+constexpr int kProbColumnsPerThread = 4;
+
+template <typename TIn, typename TOut>
+__global__ void __launch_bounds__(kProbThreads)
+    chunk_probabilities_kernel(const TIn* __restrict__ logits, int64_t vocab, int64_t col0,
+                               int64_t width, float k, const float* __restrict__ row_max,
+                               const float* __restrict__ row_log_norm, TOut* __restrict__ probs,
+                               int64_t probs_stride) {
+  const int64_t row = blockIdx.y;
+  const TIn* z = logits + row * vocab + col0;
+  TOut* out = probs + row * probs_stride;
+  const float m = row_max[row];
+  const float log_norm = row_log_norm[row];
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kProbColumnsPerThread) * blockDim.x +
+                        threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < kProbColumnsPerThread; ++j) {
+    const int64_t c = first + static_cast<int64_t>(j) * blockDim.x;
+    if (c < width) {
+      const float y = fmaxf((to_float(z[c]) - m) * k - log_norm, kLowestExponent);
+      out[c] = from_float<TOut>(__expf(y));
+    }
+  }
+}
+
+template <typename T>
+__global__ void mix_kernel(const float* __restrict__ acc, const float* __restrict__ alpha,
+                           const T* __restrict__ mask, T* __restrict__ out, int64_t rows,
+                           int64_t dim) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * dim) return;
+  const int64_t row = i / dim;
+  const float a = alpha[row];
+  out[i] = from_float<T>((1.0f - a) * to_float(mask[i % dim]) + a * acc[i]);
+}
+
+// Calls fn with a null pointer of the C++ type that `dtype` names.
+template <typename Fn>
+cudaError_t with_type(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return fn(static_cast<float*>(nullptr));
+    case DType::kBFloat16:
+      return fn(static_cast<__nv_bfloat16*>(nullptr));
+    case DType::kFloat16:
+      return fn(static_cast<__half*>(nullptr));
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_row_statistics(const StatisticsArgs& a, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  return with_type(a.logits_dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    row_statistics_kernel<T><<<static_cast<unsigned>(a.rows), kStatsThreads, 0, stream>>>(
+        static_cast<const T*>(a.logits), a.vocab, a.inv_t_res, a.temper_delta, a.strategy,
+        a.alpha_scale, a.log_vocab, a.row_max, a.row_log_norm, a.alpha, a.status);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_chunk_probabilities(const ProbabilitiesArgs& a, cudaStream_t stream) {
+  if (a.rows == 0 || a.width == 0) return cudaSuccess;
+  const int64_t per_block = static_cast<int64_t>(kProbThreads) * kProbColumnsPerThread;
+  const dim3 grid(static_cast<unsigned>((a.width + per_block - 1) / per_block),
+                  static_cast<unsigned>(a.rows));
+  return with_type(a.logits_dtype, [&](auto* in_tag) {
+    using TIn = std::remove_pointer_t<decltype(in_tag)>;
+    return with_type(a.probs_dtype, [&](auto* out_tag) {
+      using TOut = std::remove_pointer_t<decltype(out_tag)>;
+      chunk_probabilities_kernel<TIn, TOut><<<grid, kProbThreads, 0, stream>>>(
+          static_cast<const TIn*>(a.logits), a.vocab, a.col0, a.width, a.k, a.row_max,
+          a.row_log_norm, static_cast<TOut*>(a.probs), a.probs_stride);
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t launch_mix(const MixArgs& a, cudaStream_t stream) {
+  const int64_t total = a.rows * a.dim;
+  if (total == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const unsigned blocks = static_cast<unsigned>((total + kThreads - 1) / kThreads);
+  return with_type(a.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mix_kernel<T><<<blocks, kThreads, 0, stream>>>(a.acc, a.alpha, static_cast<const T*>(a.mask),
+                                                   static_cast<T*>(a.out), a.rows, a.dim);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace rcd_ext::cuda

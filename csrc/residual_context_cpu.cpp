@@ -1,0 +1,229 @@
+// CPU implementation of rcd_ext::residual_context, and the op's schema.
+//
+// Statistics pass: two sweeps per row (max, then the exp sums) over float tiles. Residual: the
+// probabilities of one V-chunk at a time, multiplied into a float32 accumulator by BLAS.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "cpu/row_kernels.h"
+#include "residual_context.h"
+
+namespace rcd_ext {
+namespace {
+
+using cpu::kTile;
+
+template <typename T>
+void to_float(const T* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+void from_float(const float* src, int64_t n, T* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// Calls fn(tile_pointer, tile_length) over one row, converting to float where needed.
+template <typename T, typename Fn>
+void for_each_float_tile(const T* row, int64_t vocab, float* scratch, Fn&& fn) {
+  for (int64_t start = 0; start < vocab; start += kTile) {
+    const int64_t n = std::min(kTile, vocab - start);
+    if constexpr (std::is_same_v<T, float>) {
+      fn(row + start, n, start);
+    } else {
+      to_float(row + start, n, scratch);
+      fn(static_cast<const float*>(scratch), n, start);
+    }
+  }
+}
+
+float alpha_from_entropy(double entropy, const ResidualParams& p) {
+  const double normalized = std::clamp(entropy, 0.0, static_cast<double>(p.log_vocab)) /
+                            static_cast<double>(p.log_vocab);
+  switch (p.strategy) {
+    case Strategy::kEntropy:
+      return static_cast<float>(p.alpha_scale * normalized);
+    case Strategy::kConfidence:
+      return static_cast<float>(p.alpha_scale * (1.0 - normalized));
+    case Strategy::kFixed:
+      return p.alpha_scale;
+  }
+  return p.alpha_scale;
+}
+
+template <typename T>
+void row_statistics_typed(const at::Tensor& logits, const ResidualParams& params,
+                          at::Tensor& row_max, at::Tensor& row_log_norm, at::Tensor& alpha,
+                          at::Tensor& status) {
+  const int64_t rows = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const T* base = logits.data_ptr<T>();
+  float* max_out = row_max.data_ptr<float>();
+  float* log_norm_out = row_log_norm.data_ptr<float>();
+  float* alpha_out = alpha.data_ptr<float>();
+  int32_t* status_out = status.data_ptr<int32_t>();
+  const float prob_k = params.temper_delta ? params.inv_t_res : 1.0f;
+  const bool need_entropy = params.strategy != Strategy::kFixed;
+  // One set of sums serves both when the entropy and the probabilities share a temperature.
+  const bool shared_sums = !need_entropy || prob_k == params.inv_t_res;
+
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float scratch[kTile];
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = base + r * vocab;
+      float m = -std::numeric_limits<float>::infinity();
+      int64_t nans = 0, posinfs = 0;
+      for_each_float_tile(row, vocab, scratch, [&](const float* x, int64_t n, int64_t) {
+        const cpu::TileMax t = cpu::tile_max(x, n);
+        m = std::max(m, t.max);
+        nans += t.nan_count;
+        posinfs += t.posinf_count;
+      });
+      if (nans || posinfs || m == -std::numeric_limits<float>::infinity()) {
+        status_out[r] = nans ? kRowNaN : (posinfs ? kRowPosInf : kRowNoFiniteLogit);
+        max_out[r] = log_norm_out[r] = alpha_out[r] = 0.0f;
+        continue;
+      }
+      const float entropy_k = need_entropy ? params.inv_t_res : prob_k;
+      double s_ent = 0.0, u_ent = 0.0, s_prob = 0.0, u_unused = 0.0;
+      for_each_float_tile(row, vocab, scratch, [&](const float* x, int64_t n, int64_t) {
+        cpu::tile_exp_sums(x, n, m, entropy_k, &s_ent, &u_ent);
+        if (!shared_sums) cpu::tile_exp_sums(x, n, m, prob_k, &s_prob, &u_unused);
+      });
+      if (shared_sums) s_prob = s_ent;
+      const double entropy = std::log(s_ent) - u_ent / s_ent;
+      status_out[r] = kRowOk;
+      max_out[r] = m;
+      log_norm_out[r] = static_cast<float>(std::log(s_prob));
+      alpha_out[r] = alpha_from_entropy(entropy, params);
+    }
+  });
+}
+
+template <typename TIn, typename TOut>
+void chunk_probabilities_typed(const at::Tensor& logits, const at::Tensor& row_max,
+                               const at::Tensor& row_log_norm, const ResidualParams& params,
+                               int64_t col0, at::Tensor& probs) {
+  const int64_t rows = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const int64_t width = probs.size(1);
+  const int64_t probs_stride = probs.stride(0);
+  const TIn* base = logits.data_ptr<TIn>();
+  TOut* out_base = probs.data_ptr<TOut>();
+  const float* m = row_max.data_ptr<float>();
+  const float* log_norm = row_log_norm.data_ptr<float>();
+  const float k = params.temper_delta ? params.inv_t_res : 1.0f;
+
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float scratch[kTile];
+    alignas(64) float tile_out[kTile];
+    for (int64_t r = begin; r < end; ++r) {
+      TOut* out_row = out_base + r * probs_stride;
+      for_each_float_tile(base + r * vocab + col0, width, scratch,
+                          [&](const float* x, int64_t n, int64_t start) {
+                            if constexpr (std::is_same_v<TOut, float>) {
+                              cpu::tile_probabilities(x, n, m[r], k, log_norm[r],
+                                                      out_row + start);
+                            } else {
+                              cpu::tile_probabilities(x, n, m[r], k, log_norm[r], tile_out);
+                              from_float(tile_out, n, out_row + start);
+                            }
+                          });
+    }
+  });
+}
+
+template <typename T>
+void mix_typed(const at::Tensor& acc, const at::Tensor& alpha, const at::Tensor& mask,
+               at::Tensor& out) {
+  const int64_t rows = acc.size(0);
+  const int64_t dim = acc.size(1);
+  const float* a = alpha.data_ptr<float>();
+  const float* r = acc.data_ptr<float>();
+  const T* m = mask.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t d = 0; d < dim; ++d) {
+        const float mixed = (1.0f - a[i]) * static_cast<float>(m[d]) + a[i] * r[i * dim + d];
+        o[i * dim + d] = static_cast<T>(mixed);
+      }
+    }
+  });
+}
+
+#define RCD_DISPATCH_FLOAT(dtype, NAME, ...)                                       \
+  [&] {                                                                            \
+    switch (dtype) {                                                               \
+      case at::kFloat: { using NAME = float; return __VA_ARGS__(); }               \
+      case at::kBFloat16: { using NAME = c10::BFloat16; return __VA_ARGS__(); }    \
+      case at::kHalf: { using NAME = c10::Half; return __VA_ARGS__(); }            \
+      default: TORCH_CHECK_TYPE(false, "unsupported dtype ", dtype);               \
+    }                                                                              \
+  }()
+
+struct CpuKernels {
+  static constexpr int64_t kChunkBudgetElements = int64_t{1} << 20;
+
+  static void row_statistics(const at::Tensor& logits, const ResidualParams& params,
+                             at::Tensor& row_max, at::Tensor& row_log_norm, at::Tensor& alpha,
+                             at::Tensor& status) {
+    RCD_DISPATCH_FLOAT(logits.scalar_type(), T, [&] {
+      row_statistics_typed<T>(logits, params, row_max, row_log_norm, alpha, status);
+    });
+  }
+
+  static at::Tensor status_to_cpu(const at::Tensor& status) { return status; }
+
+  static void chunk_probabilities(const at::Tensor& logits, const at::Tensor& row_max,
+                                  const at::Tensor& row_log_norm, const ResidualParams& params,
+                                  int64_t col0, at::Tensor& probs) {
+    RCD_DISPATCH_FLOAT(logits.scalar_type(), TIn, [&] {
+      RCD_DISPATCH_FLOAT(probs.scalar_type(), TOut, [&] {
+        chunk_probabilities_typed<TIn, TOut>(logits, row_max, row_log_norm, params, col0,
+                                             probs);
+      });
+    });
+  }
+
+  static void accumulate(at::Tensor& acc, const at::Tensor& probs,
+                         const at::Tensor& embed_chunk) {
+    if (embed_chunk.scalar_type() == at::kFloat) {
+      acc.addmm_(probs, embed_chunk);
+    } else {
+      // ATen's CPU GEMM has no half-in, float-out form: the chunk's product is rounded to the
+      // half type once, and the sum over chunks is kept in float32.
+      acc.add_(at::mm(probs, embed_chunk));
+    }
+  }
+
+  static void mix(const at::Tensor& acc, const at::Tensor& alpha, const at::Tensor& mask,
+                  at::Tensor& out) {
+    RCD_DISPATCH_FLOAT(out.scalar_type(), T, [&] { mix_typed<T>(acc, alpha, mask, out); });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> residual_context_cpu(const at::Tensor& logits,
+                                                       const at::Tensor& embed_weight,
+                                                       const at::Tensor& mask_embed,
+                                                       double t_res, bool temper_delta,
+                                                       c10::string_view strategy,
+                                                       double alpha_scale) {
+  return residual_context_driver<CpuKernels>(logits, embed_weight, mask_embed, t_res,
+                                             temper_delta, std::string(strategy), alpha_scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rcd_ext, m) {
+  m.def(
+      "residual_context(Tensor logits, Tensor embed_weight, Tensor mask_embed, float t_res, "
+      "bool temper_delta, str strategy, float alpha_scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rcd_ext, CPU, m) { m.impl("residual_context", &residual_context_cpu); }
+
+}  // namespace rcd_ext

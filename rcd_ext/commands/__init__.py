@@ -1,0 +1,1 @@
+"""Subcommands of the `rcd` console script (see rcd_ext.cli)."""

@@ -1,0 +1,82 @@
+"""Input validation for the residual-context op, shared by the kernel front and the reference.
+
+Errors name the offending value and what was expected. Data-dependent problems (NaN or +inf
+logits, rows with no finite logit) are found by the kernels' statistics pass, which reports the
+first bad row; `check_logit_values` does the same for the reference path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rcd_ext.op_reference import STRATEGIES
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_residual_context_args(
+    logits: torch.Tensor,
+    embed_weight: torch.Tensor,
+    mask_embed: torch.Tensor,
+    t_res: float,
+    strategy: str,
+    alpha_scale: float,
+) -> None:
+    """Raise ValueError/TypeError for anything the op cannot compute a defined result for."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
+    if embed_weight.dim() != 2:
+        raise ValueError(f"embed_weight must be [V', D], got shape {tuple(embed_weight.shape)}")
+    if mask_embed.dim() != 1 or mask_embed.shape[0] != embed_weight.shape[1]:
+        raise ValueError(
+            f"mask_embed must be [D] with D = embed_weight.shape[1] = {embed_weight.shape[1]}, "
+            f"got shape {tuple(mask_embed.shape)}"
+        )
+    for name, tensor in (("logits", logits), ("embed_weight", embed_weight),
+                         ("mask_embed", mask_embed)):
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} dtype {tensor.dtype} is not one of float32, bfloat16, float16")
+    if mask_embed.dtype != embed_weight.dtype:
+        raise TypeError(
+            f"mask_embed dtype {mask_embed.dtype} != embed_weight dtype {embed_weight.dtype}"
+        )
+    if not (logits.device == embed_weight.device == mask_embed.device):
+        raise ValueError(
+            f"all inputs must be on one device, got logits on {logits.device}, "
+            f"embed_weight on {embed_weight.device}, mask_embed on {mask_embed.device}"
+        )
+    vocab, table_rows = logits.shape[1], embed_weight.shape[0]
+    if vocab < 2:
+        raise ValueError(f"logits need at least 2 vocabulary columns, got V={vocab}")
+    if vocab > table_rows:
+        raise ValueError(
+            f"logits have V={vocab} columns but embed_weight has only {table_rows} rows: every "
+            "logit column needs an embedding row (slice the logits to the table, e.g. "
+            f"logits[:, :{table_rows}], after checking those columns are never sampled)"
+        )
+    if not (isinstance(t_res, (int, float)) and math.isfinite(t_res) and t_res > 0):
+        raise ValueError(f"t_res must be a finite number > 0, got {t_res!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not (isinstance(alpha_scale, (int, float)) and 0.0 <= alpha_scale <= 1.0):
+        raise ValueError(f"alpha_scale must be in [0, 1], got {alpha_scale!r}")
+
+
+def check_logit_values(logits: torch.Tensor) -> None:
+    """Refuse NaN, +inf and all -inf rows (the kernels report the same conditions)."""
+    if logits.numel() == 0:
+        return
+    nan_rows = torch.isnan(logits).any(-1)
+    if nan_rows.any():
+        row = int(nan_rows.nonzero()[0, 0])
+        raise ValueError(f"logits row {row} contains NaN")
+    posinf_rows = torch.isposinf(logits).any(-1)
+    if posinf_rows.any():
+        row = int(posinf_rows.nonzero()[0, 0])
+        raise ValueError(f"logits row {row} contains +inf")
+    dead_rows = torch.isneginf(logits).all(-1)
+    if dead_rows.any():
+        row = int(dead_rows.nonzero()[0, 0])
+        raise ValueError(f"logits row {row} has no finite logit (every entry is -inf)")

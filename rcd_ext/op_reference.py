@@ -1,0 +1,64 @@
+"""The residual-context op in plain torch: the specification every kernel is tested against.
+
+For each of the N rows (positions that stay masked) with logits z over V vocabulary entries:
+
+    q      = softmax(z / t_res)                       (the tempered distribution)
+    H      = -sum_v q_v log q_v                       (0 * log 0 = 0, so -inf logits add nothing)
+    alpha  = alpha_scale * H / log V                  strategy "entropy" (the paper)
+           = alpha_scale * (1 - H / log V)            strategy "confidence"
+           = alpha_scale                              strategy "fixed"
+    p      = softmax(z)          (softmax(z / t_res) when temper_delta)
+    delta  = p @ E[:V]                                (full vocabulary, the input embedding table)
+    embeds = (1 - alpha) * mask_embed + alpha * delta
+
+Vocabulary rule: logits may be narrower than the embedding table (V <= V'): logit column v pairs
+with embedding row v and the extra rows (padding, e.g. LLaDA's table is wider than its tokenizer)
+are never read. Logits wider than the table are refused: those columns have no embedding.
+
+This function materialises [N, V] tensors and computes in float32; it is the spec, not the fast
+path. Validation lives in `rcd_ext.op_checks`, shared with the kernels' front.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STRATEGIES = ("entropy", "confidence", "fixed")
+
+
+def residual_context_reference(
+    logits: torch.Tensor,
+    embed_weight: torch.Tensor,
+    mask_embed: torch.Tensor,
+    t_res: float = 1.0,
+    temper_delta: bool = False,
+    strategy: str = "entropy",
+    alpha_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch residual context. Shapes: logits [N, V], embed_weight [V', D], mask_embed [D].
+
+    Returns (embeds [N, D] in embed_weight's dtype, alpha [N] float32).
+    """
+    n, vocab = logits.shape
+    z = logits.detach().float()
+    table = embed_weight.detach()[:vocab].float()
+    mask = mask_embed.detach().float()
+
+    if strategy == "fixed":
+        alpha = torch.full((n,), float(alpha_scale), dtype=torch.float32, device=z.device)
+    else:
+        log_q = torch.log_softmax(z / t_res, dim=-1)
+        q = log_q.exp()
+        # where q == 0 (including -inf logits) the term is 0, not 0 * -inf = nan
+        plogp = torch.where(q > 0, q * log_q, torch.zeros_like(q))
+        entropy = (-plogp.sum(-1)).clamp(0.0, math.log(vocab))
+        normalized = entropy / math.log(vocab)
+        weight = normalized if strategy == "entropy" else 1.0 - normalized
+        alpha = alpha_scale * weight
+
+    p = torch.softmax(z / t_res if temper_delta else z, dim=-1)
+    delta = p @ table
+    embeds = (1.0 - alpha)[:, None] * mask[None, :] + alpha[:, None] * delta
+    return embeds.to(embed_weight.dtype), alpha

@@ -1,0 +1,96 @@
+"""Builds rcd_ext._C (op schema + CPU kernel) and, with a CUDA torch and nvcc, rcd_ext._C_cuda.
+
+The two modules are separate on purpose: a wheel built with CUDA must still import under a
+CPU-only torch (one combined module fails there on libc10_cuda.so). Whether to build CUDA is
+decided from torch.version.cuda and the toolkit, never from torch.cuda.is_available(): build
+machines usually have no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = Path("csrc")
+
+
+def _extensions() -> tuple[list, dict]:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    debug = os.environ.get("RCD_EXT_DEBUG_BUILD") == "1"
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    # Let torch pick the C++ standard (torch >= 2.13 headers need C++20).
+    common = {
+        "include_dirs": [str(ROOT / CSRC)],
+        "py_limited_api": True,
+        "define_macros": [("Py_LIMITED_API", "0x030A0000")],
+    }
+    extensions = [
+        CppExtension(
+            "rcd_ext._C",
+            sources=[str(CSRC / "residual_context_cpu.cpp"), str(CSRC / "module_stub.cpp")],
+            extra_compile_args={"cxx": cxx_flags + ["-fopenmp-simd", "-fno-trapping-math"]},
+            **common,
+        )
+    ]
+    if _want_cuda(torch):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        extensions.append(
+            CUDAExtension(
+                "rcd_ext._C_cuda",
+                sources=[
+                    str(CSRC / "cuda" / "residual_context_kernels.cu"),
+                    str(CSRC / "cuda" / "residual_context_cuda.cpp"),
+                    str(CSRC / "cuda" / "module_stub_cuda.cpp"),
+                ],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+                **common,
+            )
+        )
+    return extensions, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+def _want_cuda(torch) -> bool:
+    choice = os.environ.get("RCD_EXT_BUILD_CUDA", "auto").lower()
+    if choice in ("0", "false", "no"):
+        return False
+    has_toolkit = bool(os.environ.get("CUDA_HOME")) or shutil.which("nvcc") is not None
+    wanted = torch.version.cuda is not None and has_toolkit
+    if choice in ("1", "true", "yes") and not wanted:
+        raise RuntimeError(
+            f"RCD_EXT_BUILD_CUDA={choice} but torch {torch.__version__} has no CUDA "
+            "(torch.version.cuda is None) or nvcc/CUDA_HOME is missing"
+        )
+    if wanted and not os.environ.get("CUDA_HOME") and Path("/usr/local/cuda").is_dir():
+        # torch otherwise guesses CUDA_HOME from the nvcc wrapper's directory (/usr/local).
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    return wanted
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    from setuptools import find_packages
+
+    # integrations/ sits at the top of the repository (next to the engines it serves) but installs
+    # as the subpackage rcd_ext.integrations.
+    integrations = ["rcd_ext.integrations"] + [
+        f"rcd_ext.integrations.{name}" for name in find_packages("integrations")
+    ]
+    return find_packages(include=["rcd_ext", "rcd_ext.*"]) + integrations, {
+        "rcd_ext.integrations": "integrations"
+    }
+
+
+ext_modules, cmdclass = _extensions()
+packages, package_dir = _packages()
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    packages=packages,
+    package_dir=package_dir,
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

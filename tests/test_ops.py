@@ -204,16 +204,18 @@ def test_outputs_carry_no_gradient():
     assert not embeds.requires_grad and not alpha.requires_grad
 
 
-def test_opcheck():
-    logits, embed, mask = make_inputs(5, 700, 12, pad_rows=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    logits, embed, mask = make_inputs(5, 700, 12, pad_rows=4, device=device)
     for args in [(logits, embed, mask, 1.0, False, "entropy", 1.0),
                  (logits.bfloat16(), embed.bfloat16(), mask.bfloat16(), 0.9, True,
                   "confidence", 0.5)]:
         torch.library.opcheck(torch.ops.rcd_ext.residual_context.default, args)
 
 
-def test_fullgraph_compile():
-    logits, embed, mask = make_inputs(4, 256, 8, pad_rows=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fullgraph_compile(device):
+    logits, embed, mask = make_inputs(4, 256, 8, pad_rows=2, device=device)
 
     def step(z, table, m):
         embeds, alpha = ops.residual_context(z * 2.0, table, m, t_res=0.9)
@@ -223,7 +225,7 @@ def test_fullgraph_compile():
     got = compiled(logits, embed, mask)
     want = step(logits, embed, mask)
     torch.testing.assert_close(got, want)
-    got_other_shape = compiled(*make_inputs(7, 256, 8, pad_rows=2, seed=1))
+    got_other_shape = compiled(*make_inputs(7, 256, 8, pad_rows=2, seed=1, device=device))
     assert got_other_shape[0].shape == (7, 8)
 
 
@@ -299,3 +301,11 @@ def test_cuda_kernel_matches_reference(n, vocab, dim, logit_dtype, embed_dtype, 
                                       device="cuda")
     assert_matches_reference(logits, embed, mask, t_res=t_res, temper_delta=temper_delta,
                              strategy=strategy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_more_rows_than_one_grid_dimension_holds():
+    # grid.y is capped at 65535 in the probabilities kernel; rows beyond it are strided.
+    logits, embed, mask = make_inputs(70_000, 300, 4, logit_dtype=torch.bfloat16,
+                                      embed_dtype=torch.bfloat16, device="cuda")
+    assert_matches_reference(logits, embed, mask)

@@ -135,25 +135,28 @@ __global__ void __launch_bounds__(kStatsThreads)
 constexpr int kProbThreads = 256;
 constexpr int kProbColumnsPerThread = 4;
 
+// grid.x walks the chunk's columns, grid.y the rows (strided: grid.y is capped at 65535).
 template <typename TIn, typename TOut>
 __global__ void __launch_bounds__(kProbThreads)
-    chunk_probabilities_kernel(const TIn* __restrict__ logits, int64_t vocab, int64_t col0,
-                               int64_t width, float k, const float* __restrict__ row_max,
+    chunk_probabilities_kernel(const TIn* __restrict__ logits, int64_t rows, int64_t vocab,
+                               int64_t col0, int64_t width, float k,
+                               const float* __restrict__ row_max,
                                const float* __restrict__ row_log_norm, TOut* __restrict__ probs,
                                int64_t probs_stride) {
-  const int64_t row = blockIdx.y;
-  const TIn* z = logits + row * vocab + col0;
-  TOut* out = probs + row * probs_stride;
-  const float m = row_max[row];
-  const float log_norm = row_log_norm[row];
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kProbColumnsPerThread) * blockDim.x +
                         threadIdx.x;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const TIn* z = logits + row * vocab + col0;
+    TOut* out = probs + row * probs_stride;
+    const float m = row_max[row];
+    const float log_norm = row_log_norm[row];
 #pragma unroll
-  for (int j = 0; j < kProbColumnsPerThread; ++j) {
-    const int64_t c = first + static_cast<int64_t>(j) * blockDim.x;
-    if (c < width) {
-      const float y = fmaxf((to_float(z[c]) - m) * k - log_norm, kLowestExponent);
-      out[c] = from_float<TOut>(__expf(y));
+    for (int j = 0; j < kProbColumnsPerThread; ++j) {
+      const int64_t c = first + static_cast<int64_t>(j) * blockDim.x;
+      if (c < width) {
+        const float y = fmaxf((to_float(z[c]) - m) * k - log_norm, kLowestExponent);
+        out[c] = from_float<TOut>(__expf(y));
+      }
     }
   }
 }
@@ -199,14 +202,15 @@ cudaError_t launch_row_statistics(const StatisticsArgs& a, cudaStream_t stream) 
 cudaError_t launch_chunk_probabilities(const ProbabilitiesArgs& a, cudaStream_t stream) {
   if (a.rows == 0 || a.width == 0) return cudaSuccess;
   const int64_t per_block = static_cast<int64_t>(kProbThreads) * kProbColumnsPerThread;
+  constexpr int64_t kMaxGridY = 65535;
   const dim3 grid(static_cast<unsigned>((a.width + per_block - 1) / per_block),
-                  static_cast<unsigned>(a.rows));
+                  static_cast<unsigned>(a.rows < kMaxGridY ? a.rows : kMaxGridY));
   return with_type(a.logits_dtype, [&](auto* in_tag) {
     using TIn = std::remove_pointer_t<decltype(in_tag)>;
     return with_type(a.probs_dtype, [&](auto* out_tag) {
       using TOut = std::remove_pointer_t<decltype(out_tag)>;
       chunk_probabilities_kernel<TIn, TOut><<<grid, kProbThreads, 0, stream>>>(
-          static_cast<const TIn*>(a.logits), a.vocab, a.col0, a.width, a.k, a.row_max,
+          static_cast<const TIn*>(a.logits), a.rows, a.vocab, a.col0, a.width, a.k, a.row_max,
           a.row_log_norm, static_cast<TOut*>(a.probs), a.probs_stride);
       return cudaGetLastError();
     });

@@ -1,0 +1,607 @@
+"""lm-evaluation-harness models `rcd` (RCD decoding) and `seqd` (the same, residuals off).
+
+    rcd-lm-eval --model rcd --model_args pretrained=PATH,gen_length=256,block_length=32 \\
+        --tasks gsm8k_cot --num_fewshot 5 --batch_size 4 --output_path results/
+    python -m rcd_ext.integrations.lm_eval_model ...   # the same
+
+lm-eval 0.4.13 has no plugin discovery, so `cli_main` imports `lm_eval.models` (built-in models
+stay available), registers `rcd` and `seqd`, then runs lm-eval's own CLI on exactly the
+arguments given. It sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE to 1
+unless they are already set. Releases that read the `lm_eval.models` entry-point group find
+`RCDLM` / `SeqDLM` there.
+
+What each request type does:
+- `generate_until`: `rcd_ext.generate` on batches of prompts of equal token length (the
+  samplers take no padding mask, so a batch never mixes lengths), cut at the first EOS and at
+  the earliest stop string (`until`, plus the EOS text as lm-eval's HFLM adds it).
+- `loglikelihood`: a Monte-Carlo estimate of the masked-diffusion ELBO, as LLaDA's own
+  evaluation computes it (`masked_diffusion_elbo`); residuals play no part in one forward.
+- `loglikelihood_rolling`: NotImplementedError.
+
+Every decoding option is a `--model_args` key (see `RCDLM.__init__`); lm-eval's `--batch_size`
+and `--device` arrive as keyword arguments. Multi-process runs (`torchrun` or `accelerate
+launch` with N processes) use torch.distributed directly: one model replica per process,
+lm-eval splits the requests by rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lm_eval.models  # noqa: F401  built-in models first: the registry fills lazily when empty
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16}
+
+
+# ---- pure helpers (unit-tested) -----------------------------------------------------------------
+def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest occurrence of any non-empty stop string."""
+    cut = len(text)
+    for stop in stops:
+        if stop:
+            index = text.find(stop)
+            if index != -1:
+                cut = min(cut, index)
+    return text[:cut]
+
+
+def forward_process(
+    target_length: int, samples: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA's low-variance masking for `samples` draws over a target of `target_length` tokens.
+
+    The number of masked tokens l is stratified over 1..L across the draws (a random offset,
+    then evenly spaced), each draw masks a uniformly random subset of that size.
+
+    Returns is_masked [samples, L] bool and l [samples] long (both on the CPU).
+    """
+    length = target_length
+    offset = int(torch.randint(1, length + 1, (), generator=generator))
+    counts = torch.round(torch.linspace(float(offset), offset + (samples - 1) * (length / samples),
+                                        steps=samples)).long()
+    counts = (counts - 1) % length + 1
+    order = torch.stack([torch.randperm(length, generator=generator) for _ in range(samples)])
+    is_masked = order < counts[:, None]
+    return is_masked, counts
+
+
+def masked_diffusion_elbo(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    prompt_ids: Sequence[int],
+    target_ids: Sequence[int],
+    mask_id: int,
+    *,
+    mc_num: int = 128,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Monte-Carlo estimate of log p(target | prompt) >= E_l[(L / l) sum_masked log p(x_i | x_t)].
+
+    The masked-diffusion evidence lower bound as LLaDA's evaluation computes it: each of the
+    `mc_num` draws masks l of the L target tokens (`forward_process`), runs one forward of the
+    noisy sequence and scores the masked tokens, weighted by L / l. The prompt is never masked.
+
+    Args:
+        logits_fn: ids [B, P + L] -> logits [B, P + L, V], aligned with the inputs.
+        prompt_ids, target_ids: token ids (the target must be non-empty).
+        mc_num: number of draws; batch_size: draws per forward.
+        generator: CPU generator for the masks (seed it for reproducible scores).
+
+    Returns the estimate in nats (a float; higher is more likely).
+    """
+    if not target_ids:
+        raise ValueError("masked_diffusion_elbo needs a non-empty target")
+    if mc_num < 1 or batch_size < 1:
+        raise ValueError(f"mc_num and batch_size must be >= 1, got {mc_num}, {batch_size}")
+    generator = generator or torch.Generator().manual_seed(0)
+    prompt = torch.tensor(list(prompt_ids), dtype=torch.long)
+    target = torch.tensor(list(target_ids), dtype=torch.long)
+    length = target.numel()
+    total = 0.0
+    done = 0
+    while done < mc_num:
+        samples = min(batch_size, mc_num - done)
+        is_masked, counts = forward_process(length, samples, generator)
+        noisy = torch.where(is_masked, torch.full_like(is_masked, mask_id, dtype=torch.long),
+                            target[None].expand(samples, -1))
+        ids = torch.cat([prompt[None].expand(samples, -1), noisy], 1).to(device)
+        logits = logits_fn(ids)[:, prompt.numel():].float()
+        log_probs = F.log_softmax(logits, -1).gather(
+            -1, target.to(logits.device)[None, :, None].expand(samples, -1, 1)).squeeze(-1)
+        weights = length / counts.to(logits.device).float()
+        total += float(((log_probs * is_masked.to(logits.device)).sum(1) * weights).sum())
+        done += samples
+    return total / mc_num
+
+
+def exact_masked_diffusion_elbo(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    prompt_ids: Sequence[int],
+    target_ids: Sequence[int],
+    mask_id: int,
+) -> float:
+    """The expectation `masked_diffusion_elbo` estimates, by enumerating every mask subset.
+
+    sum over l = 1..L of (1 / L) (L / l) mean over |S| = l of sum_{i in S} log p(x_i | x_S masked).
+    2^L - 1 forwards: for checking the estimator on short targets only.
+    """
+    import itertools
+
+    length = len(target_ids)
+    if not 1 <= length <= 12:
+        raise ValueError(f"exact ELBO enumerates 2^L subsets; L = {length} is outside 1..12")
+    prompt = list(prompt_ids)
+    value = 0.0
+    for count in range(1, length + 1):
+        subsets = list(itertools.combinations(range(length), count))
+        rows = []
+        for subset in subsets:
+            noisy = [mask_id if i in subset else t for i, t in enumerate(target_ids)]
+            rows.append(prompt + noisy)
+        logits = logits_fn(torch.tensor(rows))[:, len(prompt):].float()
+        log_probs = F.log_softmax(logits, -1).gather(
+            -1, torch.tensor(list(target_ids))[None, :, None].expand(len(rows), -1, 1)
+        ).squeeze(-1)
+        inside = torch.zeros(len(rows), length)
+        for row, subset in enumerate(subsets):
+            inside[row, list(subset)] = 1.0
+        value += float((log_probs * inside).sum(1).mean()) / count
+    return value
+
+
+def _request_seed(seed: int, *parts: Sequence[int]) -> int:
+    """A seed that depends on the request's tokens only (same score on any rank or batch)."""
+    digest = hashlib.sha256(repr((seed, [list(p) for p in parts])).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off", "none", ""):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    return bool(value)
+
+
+def _optional(value: Any, cast: Callable[[Any], Any]) -> Any:
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+        return None
+    return cast(value)
+
+
+# ---- the model ----------------------------------------------------------------------------------
+@register_model("rcd")
+class RCDLM(TemplateLM):
+    """A diffusion LLM decoded with RCD (or plain SeqD with `rcd=False`) for lm-eval.
+
+    `--model_args` keys (all optional except `pretrained`):
+        pretrained: target dLLM path or hub name. tokenizer: tokenizer path (default pretrained).
+        ref_model: frozen reference model (init defaults to "reference" when given).
+        trust_remote_code (False), dtype ("auto" | bfloat16 | float16 | float32),
+        device (lm-eval's --device; default cuda:LOCAL_RANK when CUDA is there, else cpu).
+        gen_length: tokens generated per request (default: the task's max_gen_toks rounded up
+            to a multiple of block_length). block_length (32). steps: denoising steps for the
+            whole generation (default gen_length). remasking: fixed | threshold.
+            threshold (0.9), temperature (default: the task's; 0 when it does not sample),
+            top_p, top_k, cache: none | prefix | dual, stop_at_eos (True), seed (0), mask_id.
+        rcd (True for `rcd`, False for `seqd`), init: cold | reference | self | dirichlet,
+            t_res (1.0), temper_delta, strategy, alpha_scale, scope, dirichlet_concentration.
+        batch_size: prompts per generate call (lm-eval's --batch_size; "auto" means 1).
+        mc_num (128), mc_batch_size (32): draws of the loglikelihood estimate and draws per
+            forward; greedy_check (False): compute is_greedy by LLaDA's one-token-at-a-time
+            greedy unmasking (L extra forwards per request).
+        max_length: longest prompt + generation (default: the model's context); prompts are
+            cut from the left to fit. add_bos_token: force BOS on / off (default: tokenizer).
+    """
+
+    RESIDUALS_DEFAULT = True
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        tokenizer: str | None = None,
+        ref_model: str | None = None,
+        trust_remote_code: bool | str = False,
+        dtype: str = "auto",
+        device: str | None = None,
+        batch_size: int | str | None = 1,
+        max_batch_size: int | None = None,
+        gen_length: int | str | None = None,
+        block_length: int | str = 32,
+        steps: int | str | None = None,
+        remasking: str = "fixed",
+        threshold: float | str = 0.9,
+        temperature: float | str | None = None,
+        top_p: float | str = 1.0,
+        top_k: int | str = 0,
+        cache: str = "none",
+        stop_at_eos: bool | str = True,
+        seed: int | str = 0,
+        mask_id: int | str | None = None,
+        rcd: bool | str | None = None,
+        init: str | None = None,
+        t_res: float | str = 1.0,
+        temper_delta: bool | str = False,
+        strategy: str = "entropy",
+        alpha_scale: float | str = 1.0,
+        scope: str = "block",
+        dirichlet_concentration: float | str = 1.0,
+        mc_num: int | str = 128,
+        mc_batch_size: int | str = 32,
+        greedy_check: bool | str = False,
+        max_length: int | str | None = None,
+        add_bos_token: bool | str | None = None,
+        **unused: Any,
+    ) -> None:
+        super().__init__()
+        if pretrained is None:
+            raise ValueError("model_args needs pretrained=<path or hub name of the dLLM>")
+        if unused:
+            raise TypeError(f"unknown model_args for {type(self).__name__}: {sorted(unused)} "
+                            f"(see `help(rcd_ext.integrations.lm_eval_model.RCDLM)`)")
+        from rcd_ext.models.adapters import get_adapter, load_model
+
+        self._setup_distributed(device)
+        torch_dtype = DTYPES.get(str(dtype).lower(), "missing")
+        if torch_dtype == "missing":
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        trust = _as_bool(trust_remote_code)
+        model, loaded_tokenizer = load_model(pretrained, trust_remote_code=trust,
+                                             torch_dtype=torch_dtype, device=self._device)
+        if tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer,
+                                                             trust_remote_code=trust)
+        if loaded_tokenizer is None:
+            raise ValueError(f"no tokenizer found next to {pretrained!r}: pass "
+                             "tokenizer=<path> in model_args")
+        self.pretrained = pretrained
+        self.model = model
+        self.tokenizer = loaded_tokenizer
+        self.adapter = get_adapter(model, loaded_tokenizer,
+                                   mask_id=_optional(mask_id, int))
+        self.ref_model = None
+        if ref_model is not None:
+            self.ref_model, _ = load_model(ref_model, trust_remote_code=trust,
+                                           torch_dtype=torch_dtype, device=self._device)
+
+        self.rcd = self.RESIDUALS_DEFAULT if rcd is None else _as_bool(rcd)
+        self.decoding: dict[str, Any] = {
+            "block_length": int(block_length),
+            "steps": _optional(steps, int),
+            "remasking": str(remasking),
+            "threshold": _optional(threshold, float),
+            "top_p": float(top_p),
+            "top_k": int(top_k),
+            "cache": str(cache),
+            "stop_at_eos": _as_bool(stop_at_eos),
+            "init": init if init is not None else ("reference" if ref_model else "cold"),
+            "t_res": float(t_res),
+            "temper_delta": _as_bool(temper_delta),
+            "strategy": str(strategy),
+            "alpha_scale": float(alpha_scale),
+            "scope": str(scope),
+            "dirichlet_concentration": float(dirichlet_concentration),
+        }
+        self.gen_length = _optional(gen_length, int)
+        self.temperature = _optional(temperature, float)
+        self.seed = int(seed)
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            logger.warning("batch_size=auto is not supported by %s; using %s",
+                           type(self).__name__, max_batch_size or 1)
+            batch_size = max_batch_size or 1
+        self.batch_size_per_gpu = int(batch_size or 1)
+        self.mc_num = int(mc_num)
+        self.mc_batch_size = int(mc_batch_size)
+        self.greedy_check = _as_bool(greedy_check)
+        self._max_length = _optional(max_length, int)
+        self.add_bos_token = None if add_bos_token is None else _as_bool(add_bos_token)
+        # summed DecodeStats of this process's generate calls (reported in get_model_info)
+        self.decode_totals = {"sequences": 0, "tokens": 0, "sequence_steps": 0,
+                              "forward_passes": 0, "reference_forwards": 0, "wall_time_s": 0.0}
+
+    # ---- distributed plumbing (lm-eval 0.4.13 evaluator calls these) ----------------------------
+    def _setup_distributed(self, device: str | None) -> None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is not None and str(device).startswith("cuda") \
+                and not torch.cuda.is_available():
+            logger.warning("device %s requested but CUDA is not available: using cpu", device)
+            device = "cpu"
+        cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+        if device is None or (cuda and world_size > 1):
+            device = f"cuda:{local_rank}" if cuda else "cpu"
+        self._device = torch.device(device)
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
+        self._rank, self._world_size = 0, 1
+        if world_size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenation along dim 0 of every rank's tensor (0-d tensors count as [1])."""
+        if self.world_size <= 1:
+            return tensor
+        import torch.distributed as dist
+
+        tensor = tensor.reshape(1) if tensor.dim() == 0 else tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, 0)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's `obj` as a list on rank `dst`; None on the other ranks."""
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        result = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, result, dst=dst)
+        return result
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    # ---- tokenizer conventions (as HFLM) --------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        eos = self.adapter.eos_id
+        return int(eos if eos is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return int(bos) if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int | None:
+        return self._max_length or self.adapter.max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return 256
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", self.pretrained)).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+        options: dict[str, Any] = {}
+        if add_special_tokens is not None:
+            options["add_special_tokens"] = add_special_tokens
+        elif self.add_bos_token is not None:
+            options["add_special_tokens"] = self.add_bos_token
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if add_special_tokens is None and bos and string.startswith(bos):
+            options["add_special_tokens"] = False  # a chat template already wrote the BOS
+        ids = list(self.tokenizer.encode(string, **options))
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """The tokenizer's chat template over lm-eval's messages, as text (HFLM's behaviour)."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"--apply_chat_template: the tokenizer of {self.pretrained!r} has "
+                             "no chat template")
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt)
+
+    def decode_summary(self) -> dict[str, float]:
+        """Totals of this process's generation: tokens, steps, forwards, time and the rates
+        (tokens_per_step averages over sequences, as `DecodeStats.tokens_per_step`)."""
+        totals = dict(self.decode_totals)
+        totals["tokens_per_step"] = totals["tokens"] / max(1, totals["sequence_steps"])
+        totals["tokens_per_second"] = totals["tokens"] / max(totals["wall_time_s"], 1e-9)
+        return totals
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Added by lm-eval to the results JSON's `config` (after the run)."""
+        return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+                "model_dtype": str(next(self.model.parameters()).dtype),
+                "rcd": self.rcd, "decoding": dict(self.decoding, gen_length=self.gen_length),
+                "decode_stats": self.decode_summary()}
+
+    # ---- generate_until -------------------------------------------------------------------------
+    def _generation_length(self, max_gen_toks: int) -> int:
+        if self.gen_length is not None:
+            return self.gen_length
+        block = self.decoding["block_length"]
+        return -(-max_gen_toks // block) * block
+
+    def _prompt_budget(self, gen_length: int) -> int | None:
+        if self.max_length is None:
+            return None
+        slack = self.decoding["block_length"] - 1 if self.adapter.loop == "block_diffusion" else 0
+        budget = self.max_length - gen_length - slack
+        if budget < 1:
+            raise ValueError(f"gen_length {gen_length} leaves no room for a prompt in the "
+                             f"model's context of {self.max_length} tokens")
+        return budget
+
+    def _finish_text(self, tokens: list[int], stops: Sequence[str]) -> str:
+        eos = self.adapter.eos_id
+        if eos is not None and eos in tokens:
+            tokens = tokens[:tokens.index(eos)]
+        text = truncate_at_stop(self.tok_decode(tokens, skip_special_tokens=False), stops)
+        for special in self.tokenizer.all_special_tokens:
+            text = text.replace(special, "")
+        return text
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """One completion per request (context, gen_kwargs): batched by prompt length and
+        generation settings, cut at EOS and at the earliest `until` string."""
+        from rcd_ext.decoding import generate
+
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        jobs = []
+        for index, request in enumerate(requests):
+            context, gen_kwargs = request.args
+            options = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+            stops = handle_stop_sequences(options.pop("until", None), eos=eos_text)
+            gen_length = self._generation_length(int(options.pop("max_gen_toks")))
+            temperature = self.temperature
+            if temperature is None:
+                temperature = float(options.get("temperature", 0.0) or 0.0)
+            ids = self.tok_encode(context, left_truncate_len=self._prompt_budget(gen_length))
+            key = (len(ids), gen_length, temperature)
+            jobs.append((key, index, context, gen_kwargs, ids, stops))
+        jobs.sort(key=lambda job: (-job[0][0], job[0][1:], job[1]))
+
+        results: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                   desc="Running generate_until requests")
+        start = 0
+        while start < len(jobs):
+            end = start + 1
+            while (end < len(jobs) and end - start < self.batch_size
+                   and jobs[end][0] == jobs[start][0]):
+                end += 1
+            batch = jobs[start:end]
+            _, gen_length, temperature = batch[0][0]
+            output = generate(
+                self.model, [job[4] for job in batch], tokenizer=self.tokenizer,
+                gen_length=gen_length, temperature=temperature, rcd=self.rcd,
+                ref_model=self.ref_model, seed=self.seed, adapter=self.adapter,
+                **self.decoding)
+            stats = output.stats
+            self.decode_totals["sequences"] += stats.batch_size
+            self.decode_totals["tokens"] += stats.tokens
+            self.decode_totals["sequence_steps"] += stats.denoising_steps * stats.batch_size
+            self.decode_totals["forward_passes"] += stats.forward_passes
+            self.decode_totals["reference_forwards"] += stats.reference_forwards
+            self.decode_totals["wall_time_s"] += stats.wall_time_s
+            for job, row in zip(batch, output.tokens.tolist(), strict=True):
+                text = self._finish_text(row, job[5])
+                results[job[1]] = text
+                self.cache_hook.add_partial("generate_until", (job[2], job[3]), text)
+            bar.update(len(batch))
+            start = end
+        bar.close()
+        return [text if text is not None else "" for text in results]
+
+    # ---- loglikelihood --------------------------------------------------------------------------
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.adapter.logits(self.model(input_ids=ids))
+
+    def _greedy(self, prompt: list[int], target: list[int]) -> bool:
+        """LLaDA's check: unmask the target one most-confident token at a time, greedily."""
+        mask_id = self.adapter.mask_id
+        ids = torch.tensor([prompt + [mask_id] * len(target)], device=self.device)
+        for _ in target:
+            masked = ids[0] == mask_id
+            logits = self._logits(ids)[0][masked].float()
+            confidence, choice = F.softmax(logits, -1).max(-1)
+            pick = int(confidence.argmax())
+            ids[0, masked.nonzero()[pick, 0]] = choice[pick]
+        return ids[0, len(prompt):].tolist() == list(target)
+
+    def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        if self.adapter.loop == "block_diffusion":
+            raise NotImplementedError(
+                f"loglikelihood for block-diffusion models ({self.adapter.family}) is not "
+                "implemented: their likelihood bound is per block with a clean prefix; use "
+                "generative tasks (generate_until)")
+        results = []
+        budget = self.max_length
+        for strings, context, continuation in tqdm(
+                requests, disable=disable_tqdm or self.rank != 0,
+                desc="Running loglikelihood requests"):
+            if not continuation:
+                results.append((0.0, True))
+                continue
+            if budget is not None and len(context) + len(continuation) > budget:
+                keep = budget - len(continuation)
+                if keep < 1:
+                    raise ValueError(f"a continuation of {len(continuation)} tokens does not fit "
+                                     f"the model's context of {budget} with any prompt")
+                context = context[-keep:]
+            generator = torch.Generator().manual_seed(
+                _request_seed(self.seed, context, continuation))
+            value = masked_diffusion_elbo(
+                self._logits, context, continuation, self.adapter.mask_id, mc_num=self.mc_num,
+                batch_size=self.mc_batch_size, generator=generator, device=self.device)
+            greedy = self._greedy(list(context), list(continuation)) if self.greedy_check \
+                else False
+            results.append((value, greedy))
+            self.cache_hook.add_partial("loglikelihood", strings, (value, greedy))
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list:
+        raise NotImplementedError(
+            "loglikelihood_rolling (perplexity tasks such as wikitext) is not supported by the "
+            f"{type(self).__name__} model: a masked diffusion LM has no left-to-right "
+            "factorisation to roll over. Use generative tasks, or loglikelihood tasks "
+            "(scored by the Monte-Carlo ELBO)")
+
+
+@register_model("seqd")
+class SeqDLM(RCDLM):
+    """The SeqD baseline: `rcd` with residuals off (plain masked-diffusion decoding)."""
+
+    RESIDUALS_DEFAULT = False
+
+
+# ---- console script -----------------------------------------------------------------------------
+def cli_main(argv: Sequence[str] | None = None) -> None:
+    """`rcd-lm-eval`: lm-eval's own CLI with `rcd` and `seqd` registered (offline by default)."""
+    for name in OFFLINE_VARIABLES:
+        os.environ.setdefault(name, "1")
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    cli_main()

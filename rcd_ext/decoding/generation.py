@@ -1,0 +1,332 @@
+"""`rcd_ext.generate`: RCD (or, with `rcd=False`, plain SeqD) decoding of a prompt batch.
+
+The loop is a plain sampler (`rcd_ext.decoding.loops`); RCD is switched on by handing it the
+model wrapped by `rcd_ext.wrap`, so the residual logic exists once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcd_ext.decoding.loops import (
+    LoopCounters,
+    Sampling,
+    block_diffusion,
+    semi_autoregressive,
+)
+from rcd_ext.decoding.remasking import POLICIES
+from rcd_ext.models.adapters import ModelAdapter, get_adapter
+from rcd_ext.residual import ResidualConfig
+from rcd_ext.wrapper import RCDModel
+
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass
+class DecodeStats:
+    """What decoding cost. Counts are for the whole batch; rates are per sequence."""
+
+    batch_size: int
+    forward_passes: int  # target forwards: steps, cache prefill/commit, init "self"
+    reference_forwards: int  # forwards of the reference model (init "reference")
+    denoising_steps: int
+    tokens: int  # generated tokens committed by denoising steps, all rows
+    blocks: int
+    wall_time_s: float
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / max(1, self.denoising_steps * self.batch_size)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        forwards = self.forward_passes + self.reference_forwards
+        return self.tokens / max(1, forwards * self.batch_size)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.wall_time_s, 1e-9)
+
+    def summary(self) -> str:
+        """One line: the numbers people compare RCD and SeqD on."""
+        return (f"{self.tokens} tokens in {self.wall_time_s:.2f}s ({self.tokens_per_second:.1f} "
+                f"tok/s) | {self.denoising_steps} steps, {self.forward_passes} forwards + "
+                f"{self.reference_forwards} reference | {self.tokens_per_step:.2f} tok/step, "
+                f"{self.tokens_per_forward:.2f} tok/forward")
+
+    def as_dict(self) -> dict[str, float]:
+        data = dict(self.__dict__)
+        data.update(tokens_per_step=self.tokens_per_step,
+                    tokens_per_forward=self.tokens_per_forward,
+                    tokens_per_second=self.tokens_per_second)
+        return data
+
+
+@dataclass
+class StepTrace:
+    """One denoising step of one block (for `--show-steps`). Tensors are [B, n] on the CPU.
+
+    tokens: the block after the step (mask id where still masked); committed: positions
+    committed by this step; alpha_in: residual weight each masked position was given as input
+    to this step (the init strategy's at a block's first step; 0 without RCD); alpha: the
+    weight each still-masked position carries into the next step.
+    """
+
+    block: int
+    step: int
+    start: int  # absolute position of the block's first token
+    tokens: torch.Tensor
+    committed: torch.Tensor
+    alpha_in: torch.Tensor
+    alpha: torch.Tensor
+
+
+@dataclass
+class GenerationResult:
+    """tokens [B, gen_length]; sequences [B, prompt + gen_length]; text when a tokenizer was
+    given (cut at the first EOS); stats; trace (list of StepTrace) when asked for."""
+
+    tokens: torch.Tensor
+    sequences: torch.Tensor
+    stats: DecodeStats
+    text: list[str] | None = None
+    trace: list[StepTrace] = field(default_factory=list)
+    prompt_length: int = 0
+
+
+def _prompt_ids(prompt: Any, tokenizer: Any, chat_template: bool) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() == 1:
+            prompt = prompt[None]
+        if prompt.dim() != 2:
+            raise ValueError(f"prompt tensor must be [P] or [B, P], got {tuple(prompt.shape)}")
+        return prompt.tolist()
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer (pass tokenizer=...)")
+        rows = []
+        for text in prompt:
+            if chat_template:
+                rows.append(list(tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], add_generation_prompt=True,
+                    tokenize=True)))
+            else:
+                rows.append(list(tokenizer(text)["input_ids"]))
+        return rows
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(p, Sequence) for p in prompt):
+        return [list(p) for p in prompt]
+    raise ValueError(f"prompt must be text, a list of texts, token ids or a [B, P] tensor; "
+                     f"got {type(prompt).__name__}")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def generate(
+    model: nn.Module,
+    prompt: Any,
+    *,
+    tokenizer: Any = None,
+    gen_length: int = 64,
+    block_length: int = 32,
+    steps: int | None = None,
+    remasking: str = "fixed",
+    threshold: float | None = 0.9,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    cache: str = "none",
+    rcd: bool = True,
+    ref_model: nn.Module | None = None,
+    ref_tokenizer: Any = None,
+    init: str = "cold",
+    t_res: float = 1.0,
+    temper_delta: bool = False,
+    strategy: str = "entropy",
+    alpha_scale: float = 1.0,
+    scope: str = "block",
+    dirichlet_concentration: float = 1.0,
+    stop_at_eos: bool = True,
+    seed: int | None = None,
+    mask_id: int | None = None,
+    chat_template: bool = False,
+    trace: bool = False,
+    progress: bool = False,
+    adapter: ModelAdapter | None = None,
+) -> GenerationResult:
+    """Decode `gen_length` tokens after each prompt with RCD (`rcd=False`: plain SeqD).
+
+    Args:
+        model: a supported dLLM (LLaDA, Dream, SDAR, the tiny dLLM, or a generic HF masked LM
+            that accepts inputs_embeds).
+        prompt: text or list of texts (with `tokenizer`), token ids [P], [B, P] tensor or list
+            of equal-length id lists.
+        gen_length, block_length: tokens to generate, in blocks of block_length.
+        steps: denoising steps for the whole generation (default gen_length); divided evenly
+            among the gen_length / block_length blocks.
+        remasking: "fixed" (the linear schedule's count per step, most confident first) or
+            "threshold" (every candidate above `threshold`, at least the schedule's count).
+        temperature, top_p, top_k: sampling of candidate tokens (temperature 0 = greedy).
+        cache: semi-AR loop only: "none", "prefix" or "dual" (block-diffusion models always
+            use their KV cache).
+        rcd, ref_model, init, t_res, temper_delta, strategy, alpha_scale, scope,
+            dirichlet_concentration: residual options (`rcd_ext.residual.ResidualConfig`).
+        stop_at_eos: stop after the block in which every row has produced EOS; tokens after a
+            row's first EOS become EOS.
+        seed: seeds sampling and the Dirichlet init.
+        trace: record every step (`GenerationResult.trace`).
+
+    Returns:
+        GenerationResult with tokens [B, gen_length], sequences, text, stats and trace.
+    """
+    adapter = adapter or get_adapter(model, tokenizer, mask_id=mask_id, require_embeddings=rcd)
+    rows = _prompt_ids(prompt, tokenizer, chat_template)
+    lengths = {len(r) for r in rows}
+    if len(lengths) != 1:
+        raise ValueError(f"prompts in a batch must have equal lengths, got {sorted(lengths)}: "
+                         "decode them separately or pad them yourself")
+    prompt_length = lengths.pop()
+    if prompt_length == 0:
+        raise ValueError("empty prompt")
+    if gen_length <= 0 or block_length <= 0:
+        raise ValueError(f"gen_length and block_length must be > 0, got {gen_length}, "
+                         f"{block_length}")
+    if gen_length % block_length:
+        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length "
+                         f"{block_length}")
+    num_blocks = gen_length // block_length
+    steps = gen_length if steps is None else steps
+    if steps <= 0 or steps % num_blocks:
+        raise ValueError(f"steps {steps} must be a positive multiple of the number of blocks "
+                         f"{num_blocks} (gen_length {gen_length} / block_length {block_length})")
+    if remasking not in POLICIES:
+        raise ValueError(f"remasking must be one of {POLICIES}, got {remasking!r}")
+    if remasking == "threshold" and (threshold is None or not 0.0 < threshold <= 1.0):
+        raise ValueError(f"threshold must be in (0, 1] for remasking 'threshold', "
+                         f"got {threshold!r}")
+    block_loop = adapter.loop == "block_diffusion"
+    if block_loop:
+        config_block = getattr(model.config, "block_length", None)
+        if adapter.family == "tiny" and config_block != block_length:
+            raise ValueError(f"block_length {block_length} != the model's block_length "
+                             f"{config_block}: a block-causal model decodes its own blocks")
+        total = -(-(prompt_length + gen_length) // block_length) * block_length
+    else:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        if cache not in adapter.cache_modes:
+            raise ValueError(f"cache {cache!r} is not supported for {adapter.family} models "
+                             f"(supported: {adapter.cache_modes})")
+        total = prompt_length + gen_length
+    if adapter.max_length is not None and total > adapter.max_length:
+        raise ValueError(f"prompt of {prompt_length} tokens + {gen_length} generated = {total} "
+                         f"positions exceed the model's context of {adapter.max_length}")
+
+    device = _device_of(model)
+    prompts = torch.tensor(rows, dtype=torch.long, device=device)
+    if bool((prompts == adapter.mask_id).any()):
+        raise ValueError(f"the prompt contains the mask token (id {adapter.mask_id})")
+    x = torch.full((len(rows), total), adapter.mask_id, dtype=torch.long, device=device)
+    x[:, :prompt_length] = prompts
+
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    sampling = Sampling(policy=remasking, threshold=threshold, temperature=temperature,
+                        top_p=top_p, top_k=top_k, generator=generator)
+    wrapper = None
+    runner: Any
+    if rcd:
+        config = ResidualConfig(t_res=t_res, temper_delta=temper_delta, strategy=strategy,
+                                alpha_scale=alpha_scale, init=init, scope=scope,
+                                dirichlet_concentration=dirichlet_concentration)
+        dirichlet_generator = None if seed is None else torch.Generator().manual_seed(seed + 1)
+        wrapper = RCDModel(model, ref_model=ref_model, config=config, adapter=adapter,
+                           tokenizer=tokenizer, ref_tokenizer=ref_tokenizer,
+                           block_length=block_length,
+                           block_origin="absolute" if block_loop else "prompt",
+                           generator=dirichlet_generator)
+        wrapper.reset(gen_start=None if block_loop else prompt_length)
+        wrapper.record_inputs = trace
+        runner = wrapper
+    else:
+        def runner(input_ids: torch.Tensor, **kwargs: Any) -> Any:
+            return model(input_ids=input_ids, **kwargs)
+
+    records: list[StepTrace] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_blocks, desc="blocks", unit="block", leave=False)
+
+    def on_step(block: int, step: int, start: int, end: int, chosen: torch.Tensor) -> None:
+        if bar is not None and not bool((x[:, start:end] == adapter.mask_id).any()):
+            bar.update(1)
+        if not trace:
+            return
+        alpha_in = torch.zeros(chosen.shape)
+        alpha = torch.zeros(chosen.shape)
+        if wrapper is not None:
+            wrapper.flush()
+            positions = torch.arange(start, end, device=device)[None].expand(x.shape[0], -1)
+            alpha = wrapper.state.alpha_at(positions).cpu()
+            alpha = alpha * (x[:, start:end] == adapter.mask_id).cpu()
+            called_at, called_alpha = wrapper.last_call
+            columns = called_at[0] - start
+            inside = (columns >= 0) & (columns < end - start)
+            alpha_in[:, columns[inside].cpu()] = called_alpha[:, inside].cpu()
+        records.append(StepTrace(block=block, step=step, start=start,
+                                 tokens=x[:, start:end].cpu().clone(), committed=chosen.cpu(),
+                                 alpha_in=alpha_in, alpha=alpha))
+
+    began = time.perf_counter()
+    with torch.no_grad():
+        if block_loop:
+            counters: LoopCounters = block_diffusion(
+                runner, adapter, x, prompt_length, block_length, steps // num_blocks, sampling,
+                stop_at_eos=stop_at_eos, on_step=on_step)
+        else:
+            counters = semi_autoregressive(
+                runner, adapter, x, prompt_length, block_length, steps // num_blocks, sampling,
+                cache=cache, stop_at_eos=stop_at_eos, on_step=on_step)
+    wall = time.perf_counter() - began
+    if bar is not None:
+        bar.close()
+
+    tokens = x[:, prompt_length:prompt_length + gen_length].clone()
+    if stop_at_eos and adapter.eos_id is not None:
+        # everything after a row's first EOS is EOS: a batch then equals its single runs
+        is_eos = (tokens == adapter.eos_id).long()
+        after = (is_eos.cumsum(1) - is_eos) > 0
+        tokens[after] = adapter.eos_id
+    sequences = torch.cat([prompts, tokens], 1)
+    extra = wrapper.stats if wrapper is not None else None
+    stats = DecodeStats(
+        batch_size=len(rows),
+        forward_passes=counters.forwards + (extra.self_init_forwards if extra else 0),
+        reference_forwards=extra.reference_forwards if extra else 0,
+        denoising_steps=counters.steps, tokens=counters.committed, blocks=counters.blocks,
+        wall_time_s=wall,
+    )
+    text = None
+    if tokenizer is not None:
+        text = []
+        for row in tokens.tolist():
+            if adapter.eos_id is not None and adapter.eos_id in row:
+                row = row[:row.index(adapter.eos_id)]
+            text.append(tokenizer.decode(row, skip_special_tokens=True))
+    return GenerationResult(tokens=tokens, sequences=sequences, stats=stats, text=text,
+                            trace=records, prompt_length=prompt_length)

@@ -1,0 +1,402 @@
+"""One adapter per model family: what the decoding loops and the RCD wrapper need to know.
+
+An adapter answers: where is the input embedding table, which id is the mask, how is the model
+called with embeddings, are its logits shifted (Dream predicts token i+1 at position i), how
+long is a cache, and how the three cache modes and the block-diffusion loop call it.
+
+Families (chosen from `config.model_type`):
+
+| family  | loop            | mask id                       | caches in `generate`          |
+|---------|-----------------|-------------------------------|-------------------------------|
+| llada   | semi-AR blocks  | 126336                        | none; prefix, dual with the   |
+|         |                 |                               | Fast-dLLM modelling code      |
+| dream   | semi-AR blocks  | 151666, logits shifted by one | none                          |
+| sdar    | block diffusion | tokenizer (151669)            | KV cache (store_kv)           |
+| tiny    | by attention    | config.mask_token_id          | none, prefix, dual; KV cache  |
+| generic | semi-AR blocks  | tokenizer / config / argument | none                          |
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+LLADA_MASK_ID = 126336
+DREAM_MASK_ID = 151666
+SDAR_MASK_TOKEN = "<|MASK|>"
+
+
+def _forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(model.forward).parameters)
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    return name in _forward_parameters(model)
+
+
+def _first(*values: Any) -> Any:
+    for value in values:
+        if value is not None:
+            return value
+    return None
+
+
+def _config_id(config: Any, name: str) -> int | None:
+    value = getattr(config, name, None)
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
+@dataclass
+class ModelAdapter:
+    """How rcd-ext talks to one loaded model. Build one with `get_adapter`.
+
+    Attributes:
+        model: the torch module.
+        mask_id, eos_id, pad_id: token ids (eos/pad may be None).
+        loop: "semi_ar" (bidirectional blocks) or "block_diffusion" (block-causal + KV cache).
+        shift_logits: logits at i score token i+1 (Dream); residuals are taken after the shift.
+        cache_modes: cache modes the semi-AR loop supports for this model.
+    """
+
+    model: nn.Module
+    mask_id: int
+    eos_id: int | None = None
+    pad_id: int | None = None
+    family: str = "generic"
+    loop: str = "semi_ar"
+    shift_logits: bool = False
+    cache_modes: tuple[str, ...] = ("none",)
+
+    # ---- embeddings and calls ------------------------------------------------------------
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        """[V', D] input embedding table."""
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits (the config's vocab_size, else the embedding rows)."""
+        size = getattr(self.model.config, "vocab_size", None)
+        return int(size) if size is not None else int(self.embed_weight.shape[0])
+
+    @property
+    def max_length(self) -> int | None:
+        """Longest sequence the model can take (None when the config does not say)."""
+        config = self.model.config
+        value = _first(getattr(config, "max_position_embeddings", None),
+                       getattr(config, "max_sequence_length", None))
+        return None if value is None else int(value)
+
+    def check_accepts_embeddings(self) -> None:
+        """Raise TypeError when the model's forward cannot take `inputs_embeds`."""
+        params = _forward_parameters(self.model)
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if "inputs_embeds" not in params and not takes_kwargs:
+            raise TypeError(
+                f"{type(self.model).__name__}.forward has no inputs_embeds argument: RCD feeds "
+                "residuals through the input embeddings (accepted: "
+                f"{', '.join(params)})"
+            )
+
+    def logits(self, output: Any) -> torch.Tensor:
+        """[B, L, V] logits aligned with the input positions (shifted for Dream-style models)."""
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        if self.shift_logits:
+            # position i is scored by the output at i-1; the first keeps its own row, as the
+            # Dream samplers do
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    @staticmethod
+    def cache_length(past_key_values: Any) -> int:
+        """Positions held by a cache: objects with get_seq_length(), or per-layer (k, v)."""
+        if past_key_values is None:
+            return 0
+        if hasattr(past_key_values, "get_seq_length"):
+            return int(past_key_values.get_seq_length())
+        first = past_key_values[0]
+        key = first[0] if isinstance(first, (tuple, list)) else first
+        # (B, H, L, d) for LLaDA and most HF caches; (B, L, H*d) for Dream-style layouts
+        return int(key.shape[-2] if key.dim() == 4 else key.shape[1])
+
+    def uncached_kwargs(self, length: int, block_length: int | None,
+                        device: torch.device) -> dict[str, Any]:
+        """Extra kwargs of a plain forward over positions 0..length-1 (reference warm start)."""
+        return {}
+
+    # ---- semi-AR loop cache modes -----------------------------------------------------------
+    def full_forward_kwargs(self, cache: str) -> dict[str, Any]:
+        """Extra kwargs of a full-sequence forward (the block start) in a cache mode."""
+        return {} if cache == "none" else {"use_cache": True}
+
+    def crop_cache(self, past_key_values: Any, length: int) -> Any:
+        """The first `length` positions of a cache."""
+        if hasattr(past_key_values, "crop") and not isinstance(past_key_values, tuple):
+            cropped = past_key_values.crop(length)
+            # DynamicCache.crop works in place and returns None; TinyKVCache returns a copy
+            return past_key_values if cropped is None else cropped
+        return tuple((k[:, :, :length], v[:, :, :length]) for k, v in past_key_values)
+
+    def prefix_step_kwargs(self, prefix_cache: Any) -> dict[str, Any]:
+        """Kwargs of a step on x[:, start:] given a cache of the first `start` positions."""
+        return {"past_key_values": prefix_cache, "use_cache": False}
+
+    def dual_step_kwargs(self, full_cache: Any, start: int, end: int, total: int,
+                         batch_size: int) -> dict[str, Any]:
+        """Kwargs of a step on x[:, start:end] given the cache of the block-start forward."""
+        raise ValueError(f"cache='dual' is not supported for {self.family} models")
+
+    # ---- block-diffusion loop ---------------------------------------------------------------
+    def prefill(self, runner: Any, input_ids: torch.Tensor, cache: Any,
+                block_length: int) -> Any:
+        """Commit whole blocks `input_ids` [B, l] (right after the cached positions) to the
+        cache with one forward; returns the cache to use next."""
+        raise ValueError(f"the block-diffusion loop is not supported for {self.family} models")
+
+    def denoise_kwargs(self, cache: Any, start: int, end: int) -> dict[str, Any]:
+        """Kwargs of a denoising step on the block x[:, start:end] given the committed cache."""
+        raise ValueError(f"the block-diffusion loop is not supported for {self.family} models")
+
+
+class TinyAdapter(ModelAdapter):
+    """The built-in tiny dLLM (`rcd_ext.models.tiny_dllm`): immutable `TinyKVCache`."""
+
+    def dual_step_kwargs(self, full_cache, start, end, total, batch_size):
+        from rcd_ext.models.tiny_dllm import TinyKVCache
+
+        # attention is bidirectional and slot order does not matter: keep prefix + suffix
+        # keys, and place the block with explicit position ids
+        layers = [(torch.cat([k[:, :, :start], k[:, :, end:]], 2),
+                   torch.cat([v[:, :, :start], v[:, :, end:]], 2)) for k, v in full_cache]
+        positions = torch.arange(start, end, device=full_cache[0][0].device)
+        return {"past_key_values": TinyKVCache(layers),
+                "position_ids": positions[None].expand(batch_size, -1)}
+
+    def prefill(self, runner, input_ids, cache, block_length):
+        output = runner(input_ids, past_key_values=cache, use_cache=True)
+        return output.past_key_values
+
+    def denoise_kwargs(self, cache, start, end):
+        return {"past_key_values": cache, "use_cache": False}
+
+
+class LLaDAAdapter(ModelAdapter):
+    """LLaDA remote code; the Fast-dLLM variant adds `replace_position` (dual cache)."""
+
+    def prefix_step_kwargs(self, prefix_cache):
+        # Fast-dLLM's LLaDA code expects use_cache=True with a cache; the returned cache is
+        # ignored, as in its samplers
+        return {"past_key_values": prefix_cache, "use_cache": True}
+
+    def dual_step_kwargs(self, full_cache, start, end, total, batch_size):
+        replace = torch.zeros((1, total), dtype=torch.bool, device=full_cache[0][0].device)
+        replace[:, start:end] = True
+        return {"past_key_values": full_cache, "use_cache": True, "replace_position": replace}
+
+
+class SDARAdapter(ModelAdapter):
+    """SDAR remote code: block-causal, KV written into the cache by a `store_kv=True` pass.
+
+    Like SDAR's own sampler, every call gets an explicit block-causal attention mask
+    [1, 1, l, cached + l] (1 = may attend) and absolute position ids.
+    """
+
+    @staticmethod
+    def _block_causal(start: int, end: int, block_length: int,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+        query_block = torch.arange(start, end, device=device) // block_length
+        key_block = torch.arange(end, device=device) // block_length
+        allowed = (key_block[None, :] <= query_block[:, None]).float()
+        return {"attention_mask": allowed[None, None],
+                "position_ids": torch.arange(start, end, device=device)[None]}
+
+    def uncached_kwargs(self, length, block_length, device):
+        if block_length is None:
+            raise ValueError("an SDAR model needs block_length for an uncached forward")
+        return self._block_causal(0, length, block_length, device)
+
+    def prefill(self, runner, input_ids, cache, block_length):
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        start = self.cache_length(cache)
+        masks = self._block_causal(start, start + input_ids.shape[1], block_length,
+                                   input_ids.device)
+        runner(input_ids, past_key_values=cache, use_cache=True, store_kv=True, **masks)
+        return cache
+
+    def denoise_kwargs(self, cache, start, end):
+        # one block attends to everything before it and to itself
+        masks = self._block_causal(start, end, end - start, self.embed_weight.device)
+        return {"past_key_values": cache, "use_cache": True, "store_kv": False, **masks}
+
+
+def _tokenizer_mask_id(tokenizer: Any) -> int | None:
+    if tokenizer is None:
+        return None
+    if getattr(tokenizer, "mask_token_id", None) is not None:
+        return int(tokenizer.mask_token_id)
+    token_id = tokenizer.convert_tokens_to_ids(SDAR_MASK_TOKEN)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return None if token_id is None or token_id == unk else int(token_id)
+
+
+def family_of(model: nn.Module) -> str:
+    """'llada', 'dream', 'sdar', 'tiny' or 'generic' from the config's model_type."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", "")).lower()
+    if model_type == "rcd-tiny-dllm":
+        return "tiny"
+    for family in ("llada", "dream", "sdar"):
+        if model_type.startswith(family):
+            return family
+    return "generic"
+
+
+def get_adapter(
+    model: nn.Module,
+    tokenizer: Any = None,
+    *,
+    mask_id: int | None = None,
+    shift_logits: bool | None = None,
+    require_embeddings: bool = True,
+) -> ModelAdapter:
+    """The adapter for `model`. `mask_id` / `shift_logits` override the family's defaults.
+
+    Raises ValueError when no mask id can be found, TypeError when the model has no input
+    embedding table or (with `require_embeddings`, i.e. for RCD) cannot take `inputs_embeds`.
+    """
+    if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
+        raise TypeError(f"{type(model).__name__} has no get_input_embeddings(): RCD needs the "
+                        "input embedding table")
+    config = getattr(model, "config", None)
+    family = family_of(model)
+    eos_id = _first(getattr(tokenizer, "eos_token_id", None), _config_id(config, "eos_token_id"))
+    pad_id = _first(getattr(tokenizer, "pad_token_id", None), _config_id(config, "pad_token_id"))
+    config_mask = _config_id(config, "mask_token_id")
+    kwargs: dict[str, Any] = {"model": model, "eos_id": eos_id, "pad_id": pad_id,
+                              "family": family}
+    if family == "tiny":
+        adapter_class = TinyAdapter
+        block_causal = config.attention == "block_causal"
+        kwargs["loop"] = "block_diffusion" if block_causal else "semi_ar"
+        kwargs["cache_modes"] = ("none",) if block_causal else ("none", "prefix", "dual")
+        found = _first(mask_id, config_mask)
+    elif family == "llada":
+        adapter_class = LLaDAAdapter
+        modes = ["none", "prefix"]
+        if _takes(model, "replace_position"):
+            modes.append("dual")
+        kwargs["cache_modes"] = tuple(modes)
+        found = _first(mask_id, config_mask, LLADA_MASK_ID)
+    elif family == "dream":
+        adapter_class = ModelAdapter
+        kwargs["shift_logits"] = True
+        found = _first(mask_id, config_mask, _tokenizer_mask_id(tokenizer), DREAM_MASK_ID)
+    elif family == "sdar":
+        adapter_class = SDARAdapter
+        kwargs["loop"] = "block_diffusion"
+        found = _first(mask_id, _tokenizer_mask_id(tokenizer), config_mask)
+    else:
+        adapter_class = ModelAdapter
+        found = _first(mask_id, _tokenizer_mask_id(tokenizer), config_mask)
+    if shift_logits is not None:
+        kwargs["shift_logits"] = shift_logits
+    if found is None:
+        raise ValueError(
+            f"no mask token id for {type(model).__name__} (family {family}): the tokenizer has "
+            "no mask_token and the config no mask_token_id; pass mask_id=..."
+        )
+    adapter = adapter_class(mask_id=int(found), **kwargs)
+    rows = adapter.embed_weight.shape[0]
+    if not 0 <= adapter.mask_id < rows:
+        raise ValueError(f"mask id {adapter.mask_id} is outside the input embedding table "
+                         f"({rows} rows) of {type(model).__name__}")
+    if require_embeddings:
+        adapter.check_accepts_embeddings()
+    return adapter
+
+
+def check_reference(
+    target: ModelAdapter,
+    reference: ModelAdapter,
+    tokenizer: Any = None,
+    reference_tokenizer: Any = None,
+) -> None:
+    """Refuse a reference model that does not share the target's vocabulary and tokenizer."""
+    if reference.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"reference vocab {reference.vocab_size} != target vocab {target.vocab_size}: the "
+            "reference must share the target's tokenizer"
+        )
+    if reference.mask_id != target.mask_id:
+        raise ValueError(
+            f"reference mask id {reference.mask_id} != target mask id {target.mask_id}: the "
+            "reference must share the target's tokenizer"
+        )
+    if tokenizer is not None and reference_tokenizer is not None:
+        if tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+            diff = set(tokenizer.get_vocab().items()) ^ set(reference_tokenizer.get_vocab().items())
+            example = sorted(diff, key=str)[:3]
+            raise ValueError(
+                "reference tokenizer differs from the target tokenizer "
+                f"({len(diff)} differing token/id pairs, e.g. {example}): the reference must "
+                "share the target's tokenizer"
+            )
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    trust_remote_code: bool = False,
+    torch_dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer or None) from a local path or hub name.
+
+    Remote modelling code (LLaDA, Dream, SDAR) runs only with `trust_remote_code=True`.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoTokenizer,
+    )
+
+    import rcd_ext.models  # noqa: F401  registers the tiny dLLM with the Auto classes
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    model_type = str(config.model_type).lower()
+    if model_type.startswith("sdar"):
+        loaders = [AutoModelForCausalLM, AutoModel]
+    elif model_type.startswith(("llada", "dream")) or model_type == "rcd-tiny-dllm":
+        loaders = [AutoModel]
+    else:
+        loaders = [AutoModelForMaskedLM, AutoModel, AutoModelForCausalLM]
+    errors = []
+    model = None
+    for loader in loaders:
+        try:
+            model = loader.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                           torch_dtype=torch_dtype)
+            break
+        except (ValueError, KeyError) as error:  # this Auto class does not know the config
+            errors.append(f"{loader.__name__}: {error}")
+    if model is None:
+        raise ValueError(f"cannot load {name_or_path}: " + "; ".join(errors))
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path,
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer

@@ -1,0 +1,395 @@
+"""`rcd_ext.wrap(model)`: a stateful model wrapper that turns a plain dLLM sampler into RCD.
+
+Samplers only ever call `model(x, ...)` (full sequence) or `model(x_slice, past_key_values=...,
+use_cache=..., replace_position=... | position_ids=...)`. On every call the wrapper
+
+1. finds the absolute positions of the tokens it was given: the True columns of
+   `replace_position` (dual cache), else `position_ids`, else cache length + 0..l-1;
+2. notices a new prompt (batch size changed, or a token it saw committed is now different or
+   masked again) and forgets every residual;
+3. primes masked positions that have no residual yet with the init strategy (reference model
+   on the whole sequence seen so far, one extra target forward, Dirichlet, or nothing);
+4. calls the real model with `inputs_embeds` = token embeddings with the stored residuals at
+   masked positions;
+5. keeps this call's logits and returns the model's output untouched; at the next call (or
+   `flush()`) the residuals of the positions the sampler left masked are stored
+   (`ResidualState.update`), so rows committed in between cost nothing.
+
+`rcd_ext.generate` drives the same wrapper, so there is one implementation of the residual
+logic. With `enabled=False` the wrapper forwards every call unchanged (bit-identical to the
+plain model).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcd_ext.models.adapters import ModelAdapter, check_reference, get_adapter
+from rcd_ext.residual import ResidualConfig, ResidualState, dirichlet_logits
+
+UNKNOWN = -1  # token id recorded for positions the wrapper has not seen
+INJECTIONS = ("inputs_embeds", "hook")
+
+
+@dataclass
+class WrapperStats:
+    """Forward passes made through the wrapper (target calls, extra init calls, reference)."""
+
+    target_forwards: int = 0
+    self_init_forwards: int = 0
+    reference_forwards: int = 0
+    residual_rows: int = 0
+
+    @property
+    def total_forwards(self) -> int:
+        return self.target_forwards + self.self_init_forwards + self.reference_forwards
+
+
+class RCDModel:
+    """RCD wrapper around a dLLM; call it exactly like the model. Build one with `wrap`.
+
+    Attributes:
+        model: the wrapped model (every unknown attribute is looked up on it).
+        state: the `ResidualState` (per-position residuals, alpha for tracing).
+        stats: `WrapperStats`.
+        enabled: False makes every call a plain pass-through.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        ref_model: nn.Module | None = None,
+        config: ResidualConfig | None = None,
+        adapter: ModelAdapter | None = None,
+        ref_adapter: ModelAdapter | None = None,
+        tokenizer: Any = None,
+        ref_tokenizer: Any = None,
+        mask_id: int | None = None,
+        block_length: int | None = None,
+        block_origin: str = "prompt",
+        generator: torch.Generator | None = None,
+        enabled: bool = True,
+        injection: str = "inputs_embeds",
+    ):
+        if injection not in INJECTIONS:
+            raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
+        self.model = model
+        self.injection = injection
+        self.residual_config = config or ResidualConfig()
+        self.adapter = adapter or get_adapter(model, tokenizer, mask_id=mask_id,
+                                              require_embeddings=injection == "inputs_embeds")
+        if injection == "inputs_embeds":
+            self.adapter.check_accepts_embeddings()
+        self.ref_model = ref_model
+        self.ref_adapter = None
+        if self.residual_config.init == "reference":
+            if ref_model is None:
+                raise ValueError("init='reference' needs ref_model (a frozen reference dLLM "
+                                 "with the target's tokenizer)")
+            self.ref_adapter = ref_adapter or get_adapter(ref_model, ref_tokenizer,
+                                                          mask_id=self.adapter.mask_id)
+            check_reference(self.adapter, self.ref_adapter, tokenizer, ref_tokenizer)
+        if self.residual_config.scope == "block" and block_length is None:
+            # without block boundaries "the current block" is undefined: inject everywhere
+            self.residual_config = ResidualConfig(**{**self.residual_config.__dict__,
+                                                     "scope": "all"})
+        if block_origin not in ("prompt", "absolute"):
+            raise ValueError(f"block_origin must be 'prompt' or 'absolute', got {block_origin!r}")
+        self.block_length = block_length
+        self.block_origin = block_origin
+        self.generator = generator
+        self.enabled = enabled
+        self.state = ResidualState(self.adapter.embed_weight, self.adapter.mask_id,
+                                   self.residual_config)
+        self.stats = WrapperStats()
+        self._signature = inspect.signature(model.forward)
+        self._pending: tuple | None = None  # (ids, positions, scope) for the embedding hook
+        self._deferred: tuple | None = None  # (logits, positions, scope) of the latest call
+        # with record_inputs, last_call = (positions [B, l], alpha injected [B, l]) of the
+        # latest call (for step traces; off by default: it costs a gather per call)
+        self.record_inputs = False
+        self.last_call: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._hook = None
+        if injection == "hook":
+            self._hook = model.get_input_embeddings().register_forward_hook(self._embedding_hook)
+        self.reset()
+
+    # ---- plumbing ---------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes the wrapper lacks: config, device, dtype, generation...
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def remove(self) -> None:
+        """Detach the embedding hook (injection='hook'); the wrapper stops injecting."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.enabled = False
+
+    @property
+    def mask_id(self) -> int:
+        return self.adapter.mask_id
+
+    def reset(self, gen_start: int | None = None) -> None:
+        """Forget residuals and the recorded sequence (new prompt). `gen_start`: first
+        generated position (origin of the blocks when block_origin='prompt')."""
+        self.state.reset(0)
+        self._deferred = None
+        self.sequence = torch.full((0, 0), UNKNOWN, dtype=torch.long)
+        self._given_gen_start = gen_start
+        self.gen_start: torch.Tensor | None = None  # [B] once known
+
+    def _forget(self, batch: int) -> None:
+        # automatic reset: keep the caller's gen_start, drop everything learnt from inputs
+        self._deferred = None
+        self.state.reset(batch)
+        width = self.sequence.shape[1] if self.sequence.shape[0] == batch else 0
+        self.sequence = torch.full((batch, width), UNKNOWN, dtype=torch.long,
+                                   device=self.sequence.device)
+        self.gen_start = None
+
+    def _positions(self, input_ids: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
+        batch, length = input_ids.shape
+        device = input_ids.device
+        replace = arguments.get("replace_position")
+        if replace is not None:
+            replace = replace.to(device).bool().expand(batch, -1)
+            counts = replace.sum(1)
+            if not bool((counts == length).all()):
+                raise ValueError(f"replace_position selects {counts.tolist()} positions for "
+                                 f"an input of length {length}")
+            return replace.nonzero()[:, 1].view(batch, length)
+        position_ids = arguments.get("position_ids")
+        if position_ids is not None:
+            return position_ids.to(device).long().expand(batch, length)
+        start = self.adapter.cache_length(arguments.get("past_key_values"))
+        return (start + torch.arange(length, device=device))[None].expand(batch, length)
+
+    def _record(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Overlay this call's tokens on the recorded sequence; reset on a new prompt."""
+        batch = input_ids.shape[0]
+        ids, pos = input_ids, positions
+        if self.sequence.device != ids.device:
+            self.sequence = self.sequence.to(ids.device)
+        if self.sequence.shape[0] != batch:
+            self._forget(batch)
+        need = int(pos.max()) + 1
+        if need > self.sequence.shape[1]:
+            pad = torch.full((batch, need - self.sequence.shape[1]), UNKNOWN, dtype=torch.long,
+                             device=ids.device)
+            self.sequence = torch.cat([self.sequence, pad], 1)
+        seen = torch.gather(self.sequence, 1, pos)
+        committed = (seen != UNKNOWN) & (seen != self.mask_id)
+        if bool((committed & (ids != seen)).any()):
+            # a committed token changed or was masked again: a new prompt, stale residuals
+            self._forget(batch)
+        self.sequence.scatter_(1, pos, ids)
+        if self.gen_start is None:
+            if self._given_gen_start is not None:
+                self.gen_start = torch.full((batch,), self._given_gen_start, dtype=torch.long,
+                                            device=ids.device)
+            elif bool((ids == self.mask_id).any()):
+                # first masked position per row: the end of the prompt
+                masked = self.sequence == self.mask_id
+                self.gen_start = torch.where(masked.any(1), masked.float().argmax(1),
+                                             torch.zeros_like(masked[:, 0], dtype=torch.long))
+
+    def _scope(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """[B, l] bool: positions inside the batch's current block (None: every position).
+
+        The current block is the earliest block (counted from each row's origin) that still
+        holds a masked position in any row: samplers move a batch to the next block together,
+        so a row that finished early must not collect residuals for the next block meanwhile
+        (a batch then decodes exactly like its rows one by one).
+        """
+        if self.residual_config.scope == "all":
+            return None
+        batch = positions.shape[0]
+        origin = torch.zeros(batch, dtype=torch.long, device=positions.device)
+        if self.block_origin == "prompt" and self.gen_start is not None:
+            origin = self.gen_start
+        columns = torch.arange(self.sequence.shape[1], device=positions.device)[None]
+        after = (self.sequence == self.mask_id) & (columns >= origin[:, None])
+        if not bool(after.any()):
+            return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+        block_of = torch.div(columns - origin[:, None], self.block_length, rounding_mode="floor")
+        current = int(block_of[after].min())
+        pos = positions
+        in_block = (torch.div(pos - origin[:, None], self.block_length, rounding_mode="floor")
+                    == current) & (pos >= origin[:, None])
+        return in_block
+
+    # ---- the call ---------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled:
+            return self.model(*args, **kwargs)
+        bound = self._signature.bind_partial(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        # the forward's own **kwargs arrive nested: read them as keywords too
+        for name, parameter in self._signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+                arguments.update(arguments.pop(name))
+        input_ids = arguments.get("input_ids")
+        if input_ids is None or arguments.get("inputs_embeds") is not None:
+            # embeddings chosen by the caller: nothing to inject
+            self.stats.target_forwards += 1
+            return self.model(*args, **kwargs)
+        positions = self._positions(input_ids, arguments)
+        self._record(input_ids, positions)
+        self.flush()
+        scope = self._scope(positions)
+        self._prime(input_ids, positions, scope, arguments, args, kwargs)
+
+        if self.record_inputs:
+            # what this call injects, for traces: alpha [B, l] (0 where plain embeddings)
+            injected = (input_ids == self.mask_id) & self.state.has_residual(positions)
+            if scope is not None:
+                injected &= scope
+            self.last_call = (positions, self.state.alpha_at(positions) * injected)
+        if self.injection == "hook":
+            # the model embeds the ids itself; the hook swaps in the residual rows
+            self._pending = (input_ids, positions, scope)
+            try:
+                output = self.model(*args, **kwargs)
+            finally:
+                fired, self._pending = self._pending is None, None
+            if not fired:
+                raise RuntimeError(
+                    f"the input-embedding hook of {type(self.model).__name__} did not fire "
+                    "with the call's input_ids: use injection='inputs_embeds'"
+                )
+        else:
+            embeds = self.state.inputs_embeds(input_ids, positions, scope)
+            call_args, call_kwargs = self._call_with_embeds(args, kwargs, embeds)
+            output = self.model(*call_args, **call_kwargs)
+        self.stats.target_forwards += 1
+        # the residuals are computed at the next call, for the positions the sampler left
+        # masked: the rows it commits now would never be used
+        self._deferred = (self.adapter.logits(output), positions, scope)
+        return output
+
+    def flush(self) -> None:
+        """Store the residuals of the latest call for the positions still masked now.
+
+        Called at the start of every call; call it yourself before reading `state` between
+        calls. Positions are judged by the latest tokens the wrapper has seen.
+        """
+        if self._deferred is None:
+            return
+        logits, positions, scope = self._deferred
+        self._deferred = None
+        current = torch.gather(self.sequence, 1, positions)
+        self.stats.residual_rows += self.state.update(logits, current, positions, scope)
+
+    def _embedding_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> Any:
+        pending = self._pending
+        if pending is None or not inputs or not torch.equal(inputs[0], pending[0]):
+            return output  # not the call being wrapped (e.g. an init or reference forward)
+        self._pending = None
+        return self.state.inject(output, *pending)
+
+    def _call_with_embeds(self, args: tuple, kwargs: dict[str, Any],
+                          embeds: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+        """The caller's (args, kwargs) with input_ids None and inputs_embeds set, keeping
+        positional what was positional (hooks and engines see the call they made)."""
+        names = [name for name, parameter in self._signature.parameters.items()
+                 if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        args, kwargs = list(args), dict(kwargs)
+        for name, value in (("input_ids", None), ("inputs_embeds", embeds)):
+            if name in names and names.index(name) < len(args):
+                args[names.index(name)] = value
+            elif name == "inputs_embeds" or name in kwargs:
+                kwargs[name] = value
+        return tuple(args), kwargs
+
+    def _prime(self, input_ids: torch.Tensor, positions: torch.Tensor,
+               scope: torch.Tensor | None, arguments: dict[str, Any], args: tuple,
+               kwargs: dict[str, Any]) -> None:
+        """Apply the init strategy to masked in-scope positions that have no residual yet."""
+        init = self.residual_config.init
+        if init == "cold":
+            return
+        missing = (input_ids == self.mask_id) & ~self.state.has_residual(positions)
+        if scope is not None:
+            missing &= scope
+        if not bool(missing.any()):
+            return
+        rows, cols = missing.nonzero(as_tuple=True)
+        if init == "dirichlet":
+            logits = dirichlet_logits(
+                int(rows.numel()), self.adapter.vocab_size,
+                self.residual_config.dirichlet_concentration,
+                generator=self.generator, device="cpu",
+            ).to(self.adapter.embed_weight.device)
+        elif init == "self":
+            with torch.no_grad():
+                output = self.model(*args, **kwargs)
+            self.stats.self_init_forwards += 1
+            logits = self.adapter.logits(output)[rows, cols]
+        else:
+            end = int(positions.max()) + 1
+            context = self.sequence[:, :end]
+            if bool((context == UNKNOWN).any()):
+                raise ValueError(
+                    "init='reference' needs every token before the positions being decoded, "
+                    "but the wrapper has not seen all of them (call it once on the full "
+                    "sequence first, or use init='self' / 'dirichlet' / 'cold')"
+                )
+            extra = self.ref_adapter.uncached_kwargs(end, self.block_length, input_ids.device)
+            with torch.no_grad():
+                output = self.ref_model(input_ids=context, **extra)
+            self.stats.reference_forwards += 1
+            logits = self.ref_adapter.logits(output)[rows, positions[rows, cols]]
+        self.state.write(rows, positions[rows, cols], logits)
+
+
+def wrap(
+    model: nn.Module,
+    *,
+    ref_model: nn.Module | None = None,
+    tokenizer: Any = None,
+    ref_tokenizer: Any = None,
+    mask_id: int | None = None,
+    block_length: int | None = None,
+    block_origin: str = "prompt",
+    t_res: float = 1.0,
+    temper_delta: bool = False,
+    strategy: str = "entropy",
+    alpha_scale: float = 1.0,
+    init: str = "cold",
+    scope: str = "block",
+    dirichlet_concentration: float = 1.0,
+    seed: int | None = None,
+    enabled: bool = True,
+    injection: str = "inputs_embeds",
+) -> RCDModel:
+    """Wrap `model` so that any sampler calling it decodes with residual context (RCD).
+
+    Call the result like the model: `out = rcd_model(x)` with x [B, L] token ids, or
+    `rcd_model(x[:, s:], past_key_values=..., use_cache=..., replace_position=...)`.
+    Residual options as in `ResidualConfig`; `block_length` (with `block_origin` 'prompt' for
+    LLaDA-style semi-AR blocks after the prompt, 'absolute' for block-diffusion models) limits
+    injection to the block being decoded (scope='block'); without it every masked position
+    with logits gets a residual. Call `.reset()` between prompts (also detected on its own).
+    `injection="hook"` leaves the call untouched and swaps the residual rows into the output of
+    the model's input-embedding module (models whose forward takes no inputs_embeds).
+    """
+    config = ResidualConfig(t_res=t_res, temper_delta=temper_delta, strategy=strategy,
+                            alpha_scale=alpha_scale, init=init, scope=scope,
+                            dirichlet_concentration=dirichlet_concentration)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    return RCDModel(model, ref_model=ref_model, config=config, tokenizer=tokenizer,
+                    ref_tokenizer=ref_tokenizer, mask_id=mask_id, block_length=block_length,
+                    block_origin=block_origin, generator=generator, enabled=enabled,
+                    injection=injection)

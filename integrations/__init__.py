@@ -1,2 +1,12 @@
 """Engine integrations, installed as `rcd_ext.integrations`: a drop-in RCD flag for existing
-dLLM samplers (Fast-dLLM, D2F, SDAR) and the lm-evaluation-harness model `rcd`."""
+dLLM samplers and the lm-evaluation-harness model `rcd`.
+
+Modules (each imported on its own, so that none pulls in another engine's dependencies):
+- `fast_dllm`: `patch_fast_dllm` (LLaDA samplers), `patch_fast_dllm_dream` (Dream) — Fast-dLLM
+- `fast_dllm_v2`: `patch_fast_dllm_v2` (block-diffusion `batch_sample`, embedding hook)
+- `d2f`: `patch_d2f` (Discrete Diffusion Forcing's Hugging Face samplers)
+- `sdar`: `patch_sdar` (SDAR's `block_diffusion_generate`)
+- `engine_patching`: the shared patch/undo machinery and `EmbeddingHookRCD`
+- `lm_eval_model`: the lm-eval models `rcd` and `seqd`, and the `rcd-lm-eval` entry point
+See docs/engines.md and docs/evaluation.md.
+"""

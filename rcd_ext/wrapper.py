@@ -238,7 +238,14 @@ class RCDModel:
             if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
                 arguments.update(arguments.pop(name))
         input_ids = arguments.get("input_ids")
-        if input_ids is None or arguments.get("inputs_embeds") is not None:
+        if input_ids is None and arguments.get("inputs_embeds") is None:
+            # e.g. PEFT's forward(*args, **kwargs): passing through would silently drop RCD
+            raise TypeError(
+                f"rcd_ext.wrap: cannot find input_ids in this call to {type(self.model).__name__} "
+                f"(forward{self._signature}); wrap the underlying model instead "
+                "(for PEFT models: model.get_base_model())"
+            )
+        if arguments.get("inputs_embeds") is not None:
             # embeddings chosen by the caller: nothing to inject
             self.stats.target_forwards += 1
             return self.model(*args, **kwargs)

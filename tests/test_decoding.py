@@ -272,14 +272,12 @@ def test_a_model_that_predicts_mask_everywhere_still_finishes(remasking):
     model = tiny_model()
     with torch.no_grad():
         model.get_output_embeddings().weight[MASK] = 0.0
-    original_forward = model.forward
 
-    def forward_preferring_mask(*args, **kwargs):
-        output = original_forward(*args, **kwargs)
+    def prefer_mask(module, inputs, output):
         output.logits[..., MASK] += 1e4
         return output
 
-    model.forward = forward_preferring_mask
+    model.register_forward_hook(prefer_mask)
     result = generate(model, prompts(), gen_length=8, block_length=4, steps=4, rcd=True,
                       init="self", remasking=remasking, threshold=0.9, stop_at_eos=False)
     generated = result.sequences[:, 3:]

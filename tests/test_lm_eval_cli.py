@@ -17,8 +17,9 @@ import pytest
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
-from rcd_ext.integrations.lm_eval_tasks import rcd_tasks, tasks_dir  # noqa: E402
 from test_lm_eval_model import save_tiny_model  # noqa: E402
+
+from rcd_ext.integrations.lm_eval_tasks import rcd_tasks, tasks_dir  # noqa: E402
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

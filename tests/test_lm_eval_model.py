@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
+
 from rcd_ext.integrations.lm_eval_model import (  # noqa: E402
     RCDLM,
     SeqDLM,

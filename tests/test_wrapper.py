@@ -283,3 +283,29 @@ def test_model_that_cannot_take_embeddings_is_refused():
         generate(IdsOnly(), torch.tensor([[5, 6]]), gen_length=4, block_length=4)
     seqd = generate(IdsOnly(), torch.tensor([[5, 6]]), gen_length=4, block_length=4, rcd=False)
     assert seqd.tokens.shape == (1, 4)
+
+
+def test_a_forward_that_hides_input_ids_is_refused():
+    # A PEFT-style forward(*args, **kwargs) gives the wrapper no input_ids to inject at:
+    # passing the call through would silently decode without RCD.
+    from test_decoding_doubles import tiny_model
+
+    from rcd_ext.wrapper import wrap
+
+    inner = tiny_model()
+
+    class Opaque(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        def get_input_embeddings(self):
+            return inner.get_input_embeddings()
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    rcd_model = wrap(Opaque(), mask_id=1, block_length=4)
+    with pytest.raises(TypeError, match="cannot find input_ids"):
+        rcd_model(torch.tensor([[5, 6, 1, 1]]))

@@ -1,0 +1,175 @@
+"""What every engine adapter shares: the RCD options, building the wrapper, and patching.
+
+The residual logic itself lives in `rcd_ext.wrapper.RCDModel` (on top of `ResidualState` and
+the fused op); this module only decides *how an engine reaches it*:
+
+- `RCDOptions`: the keyword-only extras the patched samplers take (`rcd=`, `ref_model=`,
+  residual options, `suffix=`), with defaults fixed when the patch is installed;
+- `build_rcd_model`: one `RCDModel` per generate call (a fresh residual state per prompt);
+- `swapped_forward`: for samplers that call the model as `self(...)` from a method bound to
+  the model (Dream's `diffusion_generate`), the model's `forward` is replaced by the wrapper
+  for the duration of the call, with a re-entrancy guard so the wrapper's own call to the
+  model reaches the original forward;
+- `rebind`: replace a function everywhere it was imported by name (`from generate import
+  generate` in the engine's eval/chat scripts keeps its own reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcd_ext.models.adapters import ModelAdapter
+from rcd_ext.residual import ResidualConfig
+from rcd_ext.wrapper import RCDModel
+
+SUFFIXES = ("mask", "residual")
+
+
+@dataclass(frozen=True)
+class RCDOptions:
+    """Options of a patched sampler (keyword-only extras; defaults set by the patch).
+
+    rcd: False makes the patched sampler call the original with the original model (bit for
+        bit the unpatched engine).
+    ref_model: frozen reference dLLM for init="reference" (the paper's LLaDA warm start).
+    t_res, temper_delta, strategy, alpha_scale, init, dirichlet_concentration: as in
+        `rcd_ext.residual.ResidualConfig`.
+    suffix: what masked positions *after* the block being decoded receive (Fast-dLLM's
+        semi-AR samplers): "mask" (default) keeps plain [M] embeddings there, so the dual
+        cache's suffix K/V, written once per block, hold the same inputs as in the no-cache
+        and prefix-cache samplers; "residual" also injects the last step's residuals there
+        (the wrapper's scope="all"), which the dual cache then freezes for the whole block.
+    seed: seeds the Dirichlet init.
+    """
+
+    rcd: bool = True
+    ref_model: nn.Module | None = None
+    t_res: float = 1.0
+    temper_delta: bool = False
+    strategy: str = "entropy"
+    alpha_scale: float = 1.0
+    init: str = "cold"
+    dirichlet_concentration: float = 1.0
+    suffix: str = "mask"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.suffix not in SUFFIXES:
+            raise ValueError(f"suffix must be one of {SUFFIXES}, got {self.suffix!r}")
+        self.residual_config()  # validates the residual options at patch time
+
+    def residual_config(self, scope: str | None = None) -> ResidualConfig:
+        """The `ResidualConfig` these options describe (`scope` overrides the suffix rule)."""
+        if scope is None:
+            scope = "block" if self.suffix == "mask" else "all"
+        return ResidualConfig(t_res=self.t_res, temper_delta=self.temper_delta,
+                              strategy=self.strategy, alpha_scale=self.alpha_scale,
+                              init=self.init, scope=scope,
+                              dirichlet_concentration=self.dirichlet_concentration)
+
+    def updated(self, changes: dict[str, Any]) -> RCDOptions:
+        """A copy with `changes` (None values keep the current option)."""
+        known = {field.name for field in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise TypeError(f"unknown RCD option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+OPTION_NAMES = tuple(field.name for field in fields(RCDOptions))
+
+
+def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(RCD options, the sampler's own kwargs) from the kwargs of a patched call."""
+    options = {k: kwargs[k] for k in OPTION_NAMES if k in kwargs}
+    rest = {k: v for k, v in kwargs.items() if k not in OPTION_NAMES}
+    return options, rest
+
+
+def build_rcd_model(
+    model: nn.Module,
+    options: RCDOptions,
+    *,
+    mask_id: int,
+    gen_start: int,
+    block_length: int | None,
+    scope: str | None = None,
+    adapter: ModelAdapter | None = None,
+    device: torch.device | None = None,
+) -> RCDModel:
+    """A fresh `RCDModel` for one generate call.
+
+    gen_start: first generated position (blocks are counted from it, as the samplers do).
+    block_length: the sampler's block; None injects at every masked position with logits.
+    scope: "block" | "all" (default from `options.suffix`).
+    """
+    generator = None
+    if options.seed is not None:
+        generator = torch.Generator(device=device or "cpu").manual_seed(options.seed)
+    rcd_model = RCDModel(model, ref_model=options.ref_model,
+                         config=options.residual_config(scope), adapter=adapter,
+                         mask_id=mask_id, block_length=block_length, block_origin="prompt",
+                         generator=generator)
+    rcd_model.reset(gen_start=gen_start)
+    return rcd_model
+
+
+class _ReentrancyGuard:
+    active = False
+
+
+@contextlib.contextmanager
+def swapped_forward(model: nn.Module, rcd_model: RCDModel) -> Iterator[None]:
+    """Route `model(...)` through `rcd_model` while the block runs.
+
+    The instance attribute `forward` shadows the class method; the wrapper's own call to the
+    model (and its "self" init forward) re-enter and reach the original forward. Forward hooks
+    registered on `model` therefore run twice per step (outer call and inner call): hooks that
+    replace `forward` (accelerate's device hooks) are captured as the original and run once.
+    """
+    had_instance_forward = "forward" in model.__dict__
+    original = model.forward
+    guard = _ReentrancyGuard()
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if guard.active:
+            return original(*args, **kwargs)
+        guard.active = True
+        try:
+            return rcd_model(*args, **kwargs)
+        finally:
+            guard.active = False
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had_instance_forward:
+            model.forward = original
+        else:
+            del model.forward
+
+
+def rebind(old: Callable[..., Any], new: Callable[..., Any]) -> list[str]:
+    """Replace every module-level name bound to `old` by `new`; returns 'module.name' rebound.
+
+    Covers `from generate import generate_with_dual_cache` in scripts already imported
+    (eval_llada.py, chat.py, __main__).
+    """
+    rebound = []
+    for module_name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for name, value in list(namespace.items()):
+            if value is old:
+                namespace[name] = new
+                rebound.append(f"{module_name}.{name}")
+    return rebound

@@ -230,7 +230,7 @@ def test_single_process_collectives(lm) -> None:
 def test_task_yamls_ship_next_to_their_helpers() -> None:
     names = {path.stem for path in tasks_dir().glob("*.yaml")}
     assert {"rcd_gsm8k_cot", "rcd_minerva_math500", "rcd_minerva_math", "rcd_aime",
-            "rcd_pointer_chasing", "rcd_branching_walk"} <= names
+            "rcd_pointer_chasing", "rcd_branching_walk", "rcd_coupled_choices"} <= names
     assert (tasks_dir() / "rcd_tasks.py").exists()
 
 
@@ -246,6 +246,26 @@ def test_synthetic_files_are_generated_once_and_scored_by_the_verifier(tmp_path,
     assert rcd_tasks.pointer_chasing_results(doc, [doc["response"] + " 0 1"]) == \
         {"exact_match": 1.0}  # text after the answer is ignored
     assert rcd_tasks.pointer_chasing_results(doc, ["[MASK]"]) == {"exact_match": 0.0}
+
+
+def test_coupled_choices_accepts_every_valid_answer(tmp_path, monkeypatch) -> None:
+    from rcd_ext.tasks import get_task
+
+    monkeypatch.setenv(rcd_tasks.DATA_ENV, str(tmp_path))
+    task = get_task("coupled_choices")
+    dataset = rcd_tasks.load_local_json({"test": "synthetic/coupled_choices.jsonl"},
+                                        num_examples=4, seed=0, version=1.0)
+    doc = dataset["test"][0]
+    prompt = torch.tensor([task.vocab[token] for token in doc["prompt"].split()])
+    answers = task.valid_answers(prompt)
+    assert len(answers) > 1  # the shipped response is one of several
+    for answer in answers[:4]:
+        text = task.answer_text(answer)
+        assert rcd_tasks.coupled_choices_results(doc, [text]) == {"exact_match": 1.0}
+    wrong = answers[0].clone()
+    wrong[0] = task.symbol_ids[0] if wrong[0] != task.symbol_ids[0] else task.symbol_ids[1]
+    mixed = rcd_tasks.coupled_choices_results(doc, [task.answer_text(wrong)])
+    assert mixed["exact_match"] == float(task.is_correct(prompt[None], wrong[None])[0])
 
 
 def test_missing_data_file_says_where_it_looked(tmp_path, monkeypatch) -> None:

@@ -145,6 +145,11 @@ def branching_walk_results(doc: Mapping[str, str], results: list[str]) -> dict:
     return _synthetic_results("branching_walk", doc, results)
 
 
+def coupled_choices_results(doc: Mapping[str, str], results: list[str]) -> dict:
+    """Exact match under the coupled-choices verifier: either row's letters per segment count."""
+    return _synthetic_results("coupled_choices", doc, results)
+
+
 # ---- MATH (Minerva prompt and answer normalisation) ---------------------------------------------
 MINERVA_FEWSHOT = [
     ("Find the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.",

@@ -1,0 +1,61 @@
+"""The demo's three models: the shipped small checkpoints, or the same recipe trained fresh.
+
+Recipe (coupled choices, 2 rows of 8 symbols; tiny dLLM d=64, 2 layers, ~100k parameters):
+stage 1 SeqD for `stage1` steps -> `reference`; from it, `stage2` more steps of SeqD -> `seqd`
+(the equal-budget baseline) and of RCD (previous-step residuals) -> `rcd`. The shipped
+checkpoints were made with `rcd demo --train --save-checkpoints rcd_ext/demo/checkpoints`,
+which runs exactly these `rcd train` commands (see docs/training.md):
+
+    rcd train --stage seqd --model tiny --data task:coupled_choices --max-steps 1000 \
+              --output-dir reference
+    rcd train --stage seqd --model reference --data task:coupled_choices --max-steps 500 \
+              --seed 1 --output-dir seqd
+    rcd train --stage rcd --reference reference --data task:coupled_choices --max-steps 500 \
+              --seed 1 --output-dir rcd
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from torch import nn
+
+SHIPPED = Path(__file__).parent / "checkpoints"
+NAMES = ("reference", "seqd", "rcd")
+
+
+def shipped_available(directory: Path = SHIPPED) -> bool:
+    """Whether all three checkpoints are present under `directory`."""
+    return all((directory / name / "config.json").is_file() for name in NAMES)
+
+
+def load_checkpoints(directory: Path = SHIPPED) -> dict[str, nn.Module]:
+    """{"reference", "seqd", "rcd"} -> model in eval mode."""
+    from rcd_ext.models.adapters import load_model
+
+    return {name: load_model(str(directory / name))[0] for name in NAMES}
+
+
+def train_checkpoints(directory: Path, task: str = "task:coupled_choices", stage1: int = 1000,
+                      stage2: int = 500, batch_size: int = 128, quiet: bool = True) -> None:
+    """Run the recipe's three `rcd train` commands into `directory`/{reference,seqd,rcd}."""
+    from rcd_ext.cli import main
+
+    common = ["--data", task, "--batch-size", str(batch_size), "--save-steps", "1000000",
+              "--logging-steps", str(max(1, stage1 // 4) if not quiet else 10**9)]
+    commands = {
+        "reference": ["--stage", "seqd", "--model", "tiny", "--max-steps", str(stage1)],
+        "seqd": ["--stage", "seqd", "--model", str(directory / "reference"),
+                 "--max-steps", str(stage2), "--seed", "1"],
+        "rcd": ["--stage", "rcd", "--reference", str(directory / "reference"),
+                "--max-steps", str(stage2), "--seed", "1"],
+    }
+    for name, arguments in commands.items():
+        began = time.perf_counter()
+        main(["train", *arguments, *common, "--output-dir", str(directory / name)])
+        for resumable in (directory / name).glob("checkpoint-*"):
+            # Trainer's end-of-run checkpoint (weights + optimizer): the demo needs the weights
+            shutil.rmtree(resumable)
+        print(f"  trained {name} ({time.perf_counter() - began:.0f}s)", flush=True)

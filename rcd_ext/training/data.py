@@ -1,0 +1,196 @@
+"""Training data: local JSONL, a local HF dataset, or a built-in synthetic task (endless stream).
+
+Every source yields examples {"input_ids": [L] long, "prompt_length": int}; `DiffusionCollator`
+pads them into a batch with the response mask the loss needs.
+
+- JSONL: one object per line, either {"prompt": str, "response": str} or
+  {"messages": [{"role": ..., "content": ...}, ...]} whose last message is the assistant's.
+  With a tokenizer that has a chat template, the prompt is rendered by it (generation prompt
+  added); the response is the plain tokenisation of the answer, then EOS. A bad line raises
+  ValueError naming the file and the line.
+- A directory written by `datasets.Dataset.save_to_disk` with the same columns.
+- `task:NAME` or `task:NAME:key=value,...`: fresh problems from `rcd_ext.tasks` forever,
+  seeded, so a resumed run sees the same stream (Trainer skips the consumed batches).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from rcd_ext.tasks import Task, get_task
+
+Example = dict[str, Any]
+
+
+def parse_task_spec(spec: str) -> Task:
+    """`task:NAME[:k=v,...]` -> the task (ints parsed as ints, floats as floats)."""
+    parts = spec.split(":", 2)
+    kwargs: dict[str, Any] = {}
+    if len(parts) == 3 and parts[2]:
+        for item in parts[2].split(","):
+            key, _, value = item.partition("=")
+            if not _:
+                raise ValueError(f"task option {item!r} in {spec!r}: expected key=value")
+            for cast in (int, float):
+                try:
+                    kwargs[key] = cast(value)
+                    break
+                except ValueError:
+                    continue
+            else:
+                kwargs[key] = value
+    return get_task(parts[1], **kwargs)
+
+
+class TaskStream(IterableDataset):
+    """Endless fresh training problems of a synthetic task (test prompts never appear).
+
+    Problems are drawn in chunks, chunk c from a generator seeded with (seed, c): the stream
+    is a pure function of the seed, which is what exact resume needs.
+    """
+
+    def __init__(self, task: Task, seed: int = 0, chunk: int = 1024) -> None:
+        self.task, self.seed, self.chunk = task, seed, chunk
+
+    def __iter__(self) -> Iterator[Example]:
+        chunk_index = 0
+        while True:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk_index)
+            prompts, answers = self.task.sample_train(self.chunk, generator)
+            for prompt, answer in zip(prompts, answers, strict=True):
+                yield {"input_ids": torch.cat([prompt, answer]),
+                       "prompt_length": self.task.prompt_length}
+            chunk_index += 1
+
+
+class TokenizedRows(Dataset):
+    """A list of tokenised examples (map-style, so Trainer shuffles and resumes it)."""
+
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def tokenize_row(row: Any, tokenizer: Any, where: str, append_eos: bool = True,
+                 max_length: int | None = None) -> Example:
+    """One JSON row -> example; ValueError naming `where` (file:line) on a malformed row."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+        ok = (isinstance(messages, list) and len(messages) >= 2
+              and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                      and isinstance(m.get("role"), str) for m in messages))
+        if not ok:
+            raise ValueError(f"{where}: 'messages' must be a list of >= 2 "
+                             "{'role': str, 'content': str} objects")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: the last message must be the assistant's (the response),"
+                             f" got role {messages[-1]['role']!r}")
+        context, response = messages[:-1], messages[-1]["content"]
+    elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+        context, response = [{"role": "user", "content": row["prompt"]}], row["response"]
+    else:
+        raise ValueError(f"{where}: expected keys 'prompt' and 'response' (strings) or "
+                         f"'messages', got keys {sorted(row)}")
+    if _has_chat_template(tokenizer):
+        prompt_ids = list(tokenizer.apply_chat_template(context, add_generation_prompt=True,
+                                                        tokenize=True))
+    else:
+        prompt_ids = tokenizer("\n".join(m["content"] for m in context))["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if append_eos and tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    if not response_ids:
+        raise ValueError(f"{where}: empty response")
+    ids = prompt_ids + response_ids
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(f"{where}: {len(ids)} tokens > max length {max_length}")
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "prompt_length": len(prompt_ids)}
+
+
+def load_jsonl(path: str | Path, tokenizer: Any, append_eos: bool = True,
+               max_length: int | None = None) -> TokenizedRows:
+    """Tokenise a JSONL file (see the module docstring for the row formats)."""
+    examples = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+            examples.append(tokenize_row(row, tokenizer, where, append_eos, max_length))
+    if not examples:
+        raise ValueError(f"{path}: no rows")
+    return TokenizedRows(examples)
+
+
+def load_hf_dataset(path: str | Path, tokenizer: Any, append_eos: bool = True,
+                    max_length: int | None = None) -> TokenizedRows:
+    """Tokenise a dataset saved with `save_to_disk` (a DatasetDict uses its "train" split)."""
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise ValueError(f"{path}: a DatasetDict without a 'train' split ({list(data)})")
+        data = data["train"]
+    return TokenizedRows([tokenize_row(row, tokenizer, f"{path} row {index}", append_eos,
+                                       max_length) for index, row in enumerate(data)])
+
+
+def load_training_data(spec: str, tokenizer: Any = None, seed: int = 0,
+                       append_eos: bool = True, max_length: int | None = None) -> Dataset:
+    """`task:...`, a .jsonl file or a saved HF dataset directory -> a torch Dataset."""
+    if spec.startswith("task:"):
+        return TaskStream(parse_task_spec(spec), seed=seed)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"training data {spec!r}: no such file or directory (expected a "
+                                ".jsonl file, a saved HF dataset or task:NAME)")
+    if tokenizer is None:
+        raise ValueError(f"training data {spec!r} needs the model's tokenizer")
+    if path.is_dir():
+        return load_hf_dataset(path, tokenizer, append_eos, max_length)
+    return load_jsonl(path, tokenizer, append_eos, max_length)
+
+
+class DiffusionCollator:
+    """Examples -> {"input_ids" [B, L], "response_mask" [B, L] bool, "attention_mask" [B, L]}.
+
+    Rows are right-padded with `pad_id`; padding is neither attended nor in the loss.
+    """
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        length = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
+        response_mask = torch.zeros(len(examples), length, dtype=torch.bool)
+        attention_mask = torch.zeros(len(examples), length, dtype=torch.long)
+        for row, example in enumerate(examples):
+            ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
+            input_ids[row, :len(ids)] = ids
+            response_mask[row, example["prompt_length"]:len(ids)] = True
+            attention_mask[row, :len(ids)] = 1
+        return {"input_ids": input_ids, "response_mask": response_mask,
+                "attention_mask": attention_mask}

@@ -1,0 +1,205 @@
+"""`DiffusionTrainer`: a `transformers.Trainer` whose `compute_loss` is the RCD/SeqD objective.
+
+Everything else (checkpoints every `save_steps`, exact resume with the RNG state, gradient
+accumulation, bf16, logging and progress bars, DDP/FSDP under `accelerate launch` or torchrun)
+is the stock Trainer. `train(...)` below wires a model, a reference, data and arguments
+together; `rcd train` is its command line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from rcd_ext.training.data import DiffusionCollator, load_training_data, parse_task_spec
+from rcd_ext.training.objective import RESIDUAL_SOURCES, diffusion_loss, draw_noise
+
+STAGES = ("seqd", "rcd")
+
+
+@dataclass
+class DiffusionArguments:
+    """What the objective needs beyond TrainingArguments.
+
+    stage: "seqd" (masked-diffusion SFT) or "rcd" (residuals from `residual_source`).
+    residual_source: "same", "previous-step" or "self" (see `rcd_ext.training.objective`).
+    no_residual_fraction: share of rows trained with plain [M] inputs in stage "rcd".
+    eps: t ~ U(eps, 1).
+    """
+
+    stage: str = "seqd"
+    residual_source: str = "previous-step"
+    no_residual_fraction: float = 0.1
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.residual_source not in RESIDUAL_SOURCES:
+            raise ValueError(f"residual_source must be one of {RESIDUAL_SOURCES}, "
+                             f"got {self.residual_source!r}")
+        if not 0.0 <= self.no_residual_fraction <= 1.0:
+            raise ValueError(f"no_residual_fraction must be in [0, 1], "
+                             f"got {self.no_residual_fraction}")
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+
+
+def mask_token_id(model: nn.Module, tokenizer: Any = None) -> int:
+    """The model's [M] id, found the way decoding finds it (`rcd_ext.models.adapters`)."""
+    from rcd_ext.models.adapters import get_adapter
+
+    return get_adapter(model, tokenizer, require_embeddings=False).mask_id
+
+
+def check_same_tokenizer(target: nn.Module, reference: nn.Module, tokenizer: Any = None,
+                         reference_tokenizer: Any = None) -> None:
+    """Raise ValueError unless the reference shares the target's vocabulary, mask id and
+    tokenizer (the residual mixes rows of the target's table by the reference's token ids)."""
+    from rcd_ext.models.adapters import check_reference, get_adapter
+
+    check_reference(get_adapter(target, tokenizer, require_embeddings=False),
+                    get_adapter(reference, reference_tokenizer, require_embeddings=False),
+                    tokenizer, reference_tokenizer)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: the reference is an input to training, never trained."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+class DiffusionTrainer(Trainer):
+    """Trainer for stage "seqd" or "rcd". Pass `diffusion=DiffusionArguments(...)`, and for the
+    "same"/"previous-step" sources `reference=` a model sharing the target's tokenizer."""
+
+    def __init__(self, *args: Any, diffusion: DiffusionArguments | None = None,
+                 reference: nn.Module | None = None, mask_id: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.diffusion = diffusion or DiffusionArguments()
+        needs_reference = (self.diffusion.stage == "rcd"
+                           and self.diffusion.residual_source != "self")
+        if needs_reference and reference is None:
+            raise ValueError(f"stage rcd with residual source "
+                             f"{self.diffusion.residual_source!r} needs a reference model")
+        tokenizer = self.processing_class
+        if reference is not None:
+            check_same_tokenizer(self.model, reference, tokenizer)
+            reference = freeze(reference.to(self.args.device))
+        self.reference = reference
+        self.mask_id = mask_token_id(self.model, tokenizer) if mask_id is None else mask_id
+        # Our loss is a per-batch mean that Trainer must divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self._tokens_seen = 0
+        self._rate_mark = (time.perf_counter(), 0)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                     return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        """The 1/t-weighted masked-diffusion loss of `inputs` (from `DiffusionCollator`)."""
+        batch = dict(inputs)
+        if bool(batch["attention_mask"].all()):
+            # no padding: call the model exactly as the decoding loops do
+            batch.pop("attention_mask")
+        noise = draw_noise(batch["response_mask"].bool(), eps=self.diffusion.eps,
+                           no_residual_fraction=self.diffusion.no_residual_fraction)
+        loss = diffusion_loss(model, batch, noise, mask_id=self.mask_id,
+                              stage=self.diffusion.stage, reference=self.reference,
+                              residual_source=self.diffusion.residual_source)
+        if model.training:
+            self._tokens_seen += int(inputs["attention_mask"].sum())
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds tokens/s (this process, since the previous log) to the Trainer's logs."""
+        if "loss" in logs:
+            now = time.perf_counter()
+            mark_time, mark_tokens = self._rate_mark
+            logs["tokens_per_second"] = round(
+                (self._tokens_seen - mark_tokens) / max(now - mark_time, 1e-9), 1)
+            self._rate_mark = (now, self._tokens_seen)
+        super().log(logs, start_time)
+
+
+def build_tiny_model(task_spec: str, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+                     seed: int = 0) -> tuple[nn.Module, Any]:
+    """A fresh built-in tiny dLLM and tokenizer sized for a synthetic task."""
+    from rcd_ext.models import TinyDLLMConfig, TinyDLLMModel
+
+    task = parse_task_spec(task_spec)
+    tokenizer = task.build_tokenizer()
+    config = TinyDLLMConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+                            pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id, hidden_size=hidden_size,
+                            num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=4 * hidden_size,
+                            max_position_embeddings=task.prompt_length + task.answer_length)
+    torch.manual_seed(seed)
+    return TinyDLLMModel(config), tokenizer
+
+
+def load_trainable(path: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """(model in train mode, tokenizer) from a local checkpoint."""
+    from rcd_ext.models.adapters import load_model
+
+    model, tokenizer = load_model(path, trust_remote_code=trust_remote_code)
+    model.train()
+    return model, tokenizer
+
+
+def training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
+    """TrainingArguments with this project's defaults (measured on the tiny tasks, see
+    docs/training.md): AdamW lr 3e-3, betas (0.9, 0.98), wd 0.01, 100 warmup steps then
+    constant, clip 1.0, batch 128. Any TrainingArguments field can be overridden."""
+    defaults: dict[str, Any] = dict(
+        output_dir=output_dir, learning_rate=3e-3, adam_beta1=0.9, adam_beta2=0.98,
+        weight_decay=0.01, warmup_steps=100, lr_scheduler_type="constant_with_warmup",
+        max_grad_norm=1.0, per_device_train_batch_size=128, max_steps=1000,
+        logging_steps=50, save_steps=500, save_total_limit=2, report_to="none",
+        remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False,
+        seed=0,
+        disable_tqdm=True,
+        # without a GPU, say so: TrainingArguments then also allows bf16 (CPU autocast)
+        use_cpu=not torch.cuda.is_available(),
+    )
+    defaults.update(overrides)
+    return TrainingArguments(**defaults)
+
+
+def train(*, data: str, output_dir: str, diffusion: DiffusionArguments,
+          model: nn.Module, tokenizer: Any, reference: nn.Module | None = None,
+          resume_from_checkpoint: str | bool | None = None, append_eos: bool = True,
+          **training_overrides: Any) -> DiffusionTrainer:
+    """Train `model` on `data` and save it (weights, config, tokenizer) to `output_dir`.
+
+    Returns the trainer (its `state.log_history` holds the losses).
+    """
+    args = training_arguments(output_dir, **training_overrides)
+    max_length = getattr(model.config, "max_position_embeddings", None)
+    dataset = load_training_data(data, tokenizer, seed=args.seed, append_eos=append_eos,
+                                 max_length=max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else None
+    pad_id = pad_id if pad_id is not None else getattr(model.config, "pad_token_id", None) or 0
+    trainer = DiffusionTrainer(model=model, args=args, train_dataset=dataset,
+                               data_collator=DiffusionCollator(pad_id),
+                               processing_class=tokenizer, diffusion=diffusion,
+                               reference=reference)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        record = {"data": data, **asdict(diffusion), "max_steps": args.max_steps,
+                  "learning_rate": args.learning_rate,
+                  "batch_size": args.per_device_train_batch_size * args.world_size
+                  * args.gradient_accumulation_steps, "seed": args.seed}
+        Path(output_dir, "rcd_training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return trainer

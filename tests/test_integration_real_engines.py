@@ -3,12 +3,15 @@
 Run with a checkout of the engine (these tests are skipped otherwise):
     RCD_FAST_DLLM_PATH=/path/to/Fast-dLLM  pytest tests/test_integration_real_engines.py
     RCD_D2F_PATH=/path/to/Discrete-Diffusion-Forcing  pytest tests/test_integration_real_engines.py
+    RCD_SDAR_PATH=/path/to/SDAR  pytest tests/test_integration_real_engines.py
 The Fast-dLLM checkout may hold `llada/` (2025 layout) and/or `v1/llada/` (2026 layout); its
 modelling code needs `einops`. Checked per layout and sampler: flag off and alpha 0 give the
 unpatched output bit for bit; flag on injects exactly where the independent oracle says, with
 positions taken from the real calls' cache / replace_position arguments. D2F: its
 `eval_llada.py` is imported with `peft` stubbed when absent (only names are imported) and the
-real `_generate_block_single` runs on an object holding the attributes it reads.
+real `_generate_block_single` runs on an object holding the attributes it reads. SDAR: its
+`generate.py` on SDAR-4B-Chat's remote code (shrunk config), with CPU stand-ins for the
+flash-attn / triton imports that code cannot run without (see `stub_sdar_gpu_imports`).
 """
 
 from __future__ import annotations
@@ -260,3 +263,111 @@ def test_d2f_dream_block_sampler(monkeypatch):
         patch.undo()
         for name in [n for n in sys.modules if n.split(".")[0] == "model_cache"]:
             del sys.modules[name]
+
+
+SDAR = os.environ.get("RCD_SDAR_PATH")
+SDAR_MODEL_DIR = "training/model/SDAR-4B-Chat"
+SDAR_MASK = 151669
+
+
+def stub_sdar_gpu_imports(monkeypatch, package: str) -> None:
+    """CPU stand-ins for what SDAR's modelling code imports from GPU-only packages.
+
+    modeling_sdar.py imports flash-attn's Triton RMSNorm unconditionally (used by every
+    SDARRMSNorm) and calls `flash_attn_func` for every decoding forward (an all-True block
+    mask); its training loss module imports triton. Neither runs on CPU, so: RMSNorm and
+    non-causal GQA attention written here on torch ops (same math, not the kernels), and the
+    training-only loss module replaced by an empty one (only used when model.training).
+    """
+    import torch.nn.functional as F
+
+    def rms_norm_fn(x, weight, bias=None, eps=1e-6, **_):
+        out = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps)
+        return (out if bias is None else out + bias.float()).to(x.dtype)
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
+        # flash-attn layout [b, l, heads, d], kv heads may be fewer (GQA)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), is_causal=causal,
+                                             scale=softmax_scale, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def unavailable(*args, **kwargs):
+        raise NotImplementedError("not available in the CPU stand-in")
+
+    modules = {name: types.ModuleType(name) for name in (
+        "flash_attn", "flash_attn.ops", "flash_attn.ops.triton",
+        "flash_attn.ops.triton.layer_norm", "flash_attn.bert_padding",
+        f"{package}.fused_linear_diffusion_cross_entropy")}
+    modules["flash_attn"].flash_attn_func = flash_attn_func
+    modules["flash_attn"].flash_attn_varlen_func = unavailable
+    modules["flash_attn.ops.triton.layer_norm"].rms_norm_fn = rms_norm_fn
+    for name in ("index_first_axis", "pad_input", "unpad_input"):
+        setattr(modules["flash_attn.bert_padding"], name, unavailable)
+    modules[f"{package}.fused_linear_diffusion_cross_entropy"] \
+        .FusedLinearDiffusionCrossEntropyLoss = unavailable
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def tiny_sdar(monkeypatch):
+    """SDAR-4B-Chat's own remote code (configuration_sdar.py, modeling_sdar.py) with its
+    config.json shrunk to 2 layers, hidden 64 (vocabulary and mask id kept), random weights."""
+    import importlib
+    import json
+
+    directory = Path(SDAR) / SDAR_MODEL_DIR
+    package = "rcd_test_sdar_remote"  # the directory name has dashes: load it as a package
+    root = types.ModuleType(package)
+    root.__path__ = [str(directory)]
+    monkeypatch.setitem(sys.modules, package, root)
+    stub_sdar_gpu_imports(monkeypatch, package)
+    configuration = importlib.import_module(f"{package}.configuration_sdar")
+    modeling = importlib.import_module(f"{package}.modeling_sdar")
+    for name in ("configuration_sdar", "modeling_sdar"):
+        monkeypatch.setitem(sys.modules, f"{package}.{name}", sys.modules[f"{package}.{name}"])
+    settings = json.loads((directory / "config.json").read_text())
+    settings.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    max_window_layers=2, torch_dtype="float32")
+    config = configuration.SDARConfig(**settings)
+    assert config.mask_token_id == SDAR_MASK and config.vocab_size == 151936
+    torch.manual_seed(0)
+    return modeling.SDARForCausalLM(config).eval()
+
+
+@pytest.mark.skipif(not (SDAR and (Path(SDAR) / "generate.py").exists()
+                         and (Path(SDAR) / SDAR_MODEL_DIR / "modeling_sdar.py").exists()),
+                    reason="set RCD_SDAR_PATH to a JetAstra/SDAR checkout")
+@pytest.mark.parametrize("strategy", ["low_confidence_dynamic", "sequential"])
+def test_sdar_block_diffusion_generate(strategy, monkeypatch):
+    from rcd_ext.integrations.sdar import patch_sdar
+
+    model = tiny_sdar(monkeypatch)
+    with engine_imports(Path(SDAR)):
+        import generate
+
+        # 9 prompt tokens, block 4: two prefilled blocks (SDPA under the block-causal mask),
+        # then a block holding 1 prompt token; decoding forwards go through flash_attn_func
+        prompt = {"input_ids": torch.randint(0, 1000, (1, 9),
+                                             generator=torch.Generator().manual_seed(1))}
+        settings = {"mask_id": SDAR_MASK, "gen_length": 11, "block_length": 4,
+                    "denoising_steps": 4, "remasking_strategy": strategy}
+
+        def run(sampler, **extra):
+            torch.manual_seed(2)  # SDAR samples with torch.multinomial
+            return sampler(model, prompt, **settings, **extra)
+
+        plain = run(generate.block_diffusion_generate)
+        assert plain.shape == (1, 20) and (plain[:, 9:] != SDAR_MASK).all()
+        patch = patch_sdar(generate)
+        assert torch.equal(run(generate.block_diffusion_generate, rcd=False), plain)
+        assert torch.equal(run(generate.block_diffusion_generate, alpha_scale=0.0), plain)
+        spy = SamplerIds().install(monkeypatch)
+        recorder = CallRecorder(model)
+        run(generate.block_diffusion_generate)
+        recorder.remove()
+        embed = model.get_input_embeddings().weight
+        assert check_injection(recorder.calls, spy.ids, embed, SDAR_MASK,
+                               prompt["input_ids"].shape[1], None, atol=1e-4) > 0
+        patch.undo()

@@ -67,7 +67,8 @@ class CallRecorder:
         if replace is not None:
             positions = replace[0].nonzero()[:, 0][None].expand(batch, length)
         else:
-            start = 0 if past is None else past[0][0].shape[self.cache_length_dim]
+            empty = past is None or (hasattr(past, "__len__") and len(past) == 0)
+            start = 0 if empty else past[0][0].shape[self.cache_length_dim]
             positions = (start + torch.arange(length))[None].expand(batch, length)
         self._pending.append((positions.clone(), embeds.detach().clone(),
                               {"update_kvcache": kwargs.get("update_kvcache")}))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -207,7 +208,9 @@ def main() -> None:
             parts = [json.loads((RESULTS / f"pareto_{tag}.json").read_text())
                      for tag in args.merge]
             config = {**parts[0]["config"], "tasks": [t for p in parts
-                                                      for t in p["config"]["tasks"]]}
+                                                      for t in p["config"]["tasks"]],
+                      "tag": args.tag, "command": [p["config"].get("command") for p in parts]
+                      + ["python " + " ".join(sys.argv)]}
             out.write_text(json.dumps({"config": config, "records": [
                 r for p in parts for r in p["records"]]}, indent=1))
         data = json.loads(out.read_text())
@@ -219,6 +222,7 @@ def main() -> None:
     config = {k: v for k, v in vars(args).items() if k != "plot_only"}
     config["variants"] = {k: list(v) for k, v in VARIANTS.items()}
     config["device"] = "cpu"
+    config["command"] = "python " + " ".join(sys.argv)
     records: list[dict[str, Any]] = []
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:

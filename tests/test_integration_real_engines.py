@@ -49,19 +49,21 @@ def fast_dllm_layouts() -> list[Path]:
     return [root / sub for sub in ("llada", "v1/llada") if (root / sub / "generate.py").exists()]
 
 
-def tiny_llada():
-    """A 2-layer LLaDA of Fast-dLLM's own modelling code with LLaDA-8B's vocabulary."""
-    from model.configuration_llada import LLaDAConfig
-    from model.modeling_llada import LLaDAModelLM
+def tiny_llada(package: str = "model"):
+    """A 2-layer LLaDA of an engine's own modelling code (`package`.modeling_llada: Fast-dLLM's
+    `model`, D2F's `model_cache.llada`) with LLaDA-8B's vocabulary, random weights."""
+    import importlib
 
-    config = LLaDAConfig(d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=128,
-                         vocab_size=126464, embedding_size=126464, mask_token_id=LLADA_MASK,
-                         rope=True, block_type="llama", activation_type="silu",
-                         layer_norm_type="rms", include_bias=False, weight_tying=False,
-                         max_sequence_length=256, init_device="cpu", rms_norm_eps=1e-5,
-                         use_cache=False)
+    config_class = importlib.import_module(f"{package}.configuration_llada").LLaDAConfig
+    model_class = importlib.import_module(f"{package}.modeling_llada").LLaDAModelLM
+    config = config_class(d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=128,
+                          vocab_size=126464, embedding_size=126464, mask_token_id=LLADA_MASK,
+                          rope=True, block_type="llama", activation_type="silu",
+                          layer_norm_type="rms", include_bias=False, weight_tying=False,
+                          max_sequence_length=256, init_device="cpu", rms_norm_eps=1e-5,
+                          use_cache=False)
     torch.manual_seed(0)
-    return LLaDAModelLM(config, init_params=True).eval()
+    return model_class(config, init_params=True).eval()
 
 
 @pytest.mark.skipif(not fast_dllm_layouts(), reason="set RCD_FAST_DLLM_PATH to a Fast-dLLM "
@@ -92,21 +94,6 @@ def test_fast_dllm_llada_samplers(layout, monkeypatch):
                                        prompt.shape[1], 8, atol=1e-4)
             assert injected > 0, name
         patch.undo()
-
-
-def tiny_d2f_llada():
-    """A 2-layer LLaDA of D2F's own modelling code (model_cache/llada), random weights."""
-    from model_cache.llada.configuration_llada import LLaDAConfig
-    from model_cache.llada.modeling_llada import LLaDAModelLM
-
-    config = LLaDAConfig(d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=128,
-                         vocab_size=126464, embedding_size=126464, mask_token_id=LLADA_MASK,
-                         rope=True, block_type="llama", activation_type="silu",
-                         layer_norm_type="rms", include_bias=False, weight_tying=False,
-                         max_sequence_length=256, init_device="cpu", rms_norm_eps=1e-5,
-                         use_cache=False)
-    torch.manual_seed(0)
-    return LLaDAModelLM(config, init_params=True).eval()
 
 
 def stub_d2f_imports(monkeypatch) -> None:
@@ -143,7 +130,7 @@ def test_d2f_llada_block_sampler(monkeypatch):
             del sys.modules[name]
         import eval_llada
 
-        model = tiny_d2f_llada()
+        model = tiny_llada("model_cache.llada")
         lm = object.__new__(eval_llada.DreamLoRA)  # only the attributes the sampler reads
         lm.__dict__.update(model=model, mask_token_id=LLADA_MASK, block_size=4,
                            block_add_threshold=0.5, decoded_token_threshold=0.9,

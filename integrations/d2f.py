@@ -32,6 +32,7 @@ from torch import nn
 from rcd_ext.integrations.engine_patching import RCDOptions, build_rcd_model, split_options
 from rcd_ext.integrations.fast_dllm import SamplerPatch
 from rcd_ext.models.adapters import ModelAdapter, get_adapter
+from rcd_ext.wrapper import unwrap_peft
 
 
 class D2FDreamAdapter(ModelAdapter):
@@ -61,12 +62,6 @@ class D2FDreamAdapter(ModelAdapter):
         return torch.cat([first.to(logits.dtype), logits[:, :-1]], dim=1)
 
 
-def base_model(model: nn.Module) -> nn.Module:
-    """The model whose forward takes named arguments (unwraps PEFT's `PeftModel`)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
 
 def d2f_adapter(model: nn.Module, mask_id: int) -> ModelAdapter:
     """The wrapper's adapter for a D2F model (LLaDA: the family's own; Dream: D2F's shift)."""
@@ -93,7 +88,7 @@ def rcd_generate_block_single(method: Callable[..., Any],
         if not options.rcd:
             return method(self, prompt, *args, **kwargs)
         model = self.model
-        target = base_model(model)
+        target = unwrap_peft(model)
         adapter = d2f_adapter(target, int(self.mask_token_id))
         rcd_model = build_rcd_model(target, options, mask_id=int(self.mask_token_id),
                                     gen_start=int(prompt.shape[1]), block_length=None,

@@ -135,21 +135,67 @@ class ResidualState:
         """Forget every residual (new prompt batch)."""
         self.batch_size = batch_size
         device, dim = self.embed_weight.device, self.embed_weight.shape[1]
-        self.embeds = self.embed_weight.new_zeros((batch_size, 0, dim))
-        self.alpha = torch.zeros((batch_size, 0), dtype=torch.float32, device=device)
-        self.valid = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
+        # engines call in from torch.inference_mode(); storage made there would refuse the
+        # in-place updates made outside it later, so it is always made as normal tensors
+        with torch.inference_mode(False):
+            self.embeds = self.embed_weight.new_zeros((batch_size, 0, dim))
+            self.alpha = torch.zeros((batch_size, 0), dtype=torch.float32, device=device)
+            self.valid = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
 
     def _ensure(self, batch_size: int, length: int) -> None:
+        # the [B, l] methods take a different batch size as a new batch (generate's calls)
         if batch_size != self.batch_size:
             self.reset(batch_size)
-        have = self.valid.shape[1]
-        if length <= have:
+        self.grow(batch_size, length)
+
+    def grow(self, batch_size: int, length: int) -> None:
+        """Make room for `batch_size` rows and `length` positions, keeping what is stored.
+
+        Engines that batch requests continuously add rows as requests arrive; growing never
+        forgets the residuals of the requests already in flight (unlike `reset`).
+        """
+        rows, have = self.valid.shape
+        if batch_size <= rows and length <= have:
             return
-        grow = max(length, 2 * have) - have
+        new_rows, new_length = max(batch_size, rows), max(length, have)
+        if new_length > have:
+            new_length = max(new_length, 2 * have)  # amortise growth over many steps
         dim = self.embed_weight.shape[1]
-        self.embeds = torch.cat([self.embeds, self.embeds.new_zeros((batch_size, grow, dim))], 1)
-        self.alpha = torch.cat([self.alpha, self.alpha.new_zeros((batch_size, grow))], 1)
-        self.valid = torch.cat([self.valid, self.valid.new_zeros((batch_size, grow))], 1)
+        with torch.inference_mode(False):  # normal tensors, as in `reset`
+            embeds = self.embeds.new_zeros((new_rows, new_length, dim))
+            alpha = self.alpha.new_zeros((new_rows, new_length))
+            valid = self.valid.new_zeros((new_rows, new_length))
+            embeds[:rows, :have] = self.embeds
+            alpha[:rows, :have] = self.alpha
+            valid[:rows, :have] = self.valid
+        self.embeds, self.alpha, self.valid = embeds, alpha, valid
+        self.batch_size = new_rows
+
+    # Flat (row, position) pairs: engines that pack several requests into one token batch.
+
+    def stored(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[N] bool: whether a residual is stored at the pairs (`rows`[N], `positions`[N])."""
+        if positions.numel() == 0:
+            return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+        self.grow(int(rows.max()) + 1, int(positions.max()) + 1)
+        return self.valid[rows, positions]
+
+    def residuals_at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[N, D] stored residual embeddings at the pairs (rows [N], positions [N]); rows
+        where none is stored hold garbage: select with `stored` first."""
+        return self.embeds[rows, positions]
+
+    def forget(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """Drop the residuals at the pairs (rows [N], positions [N]) (committed tokens)."""
+        if positions.numel():
+            self.grow(int(rows.max()) + 1, int(positions.max()) + 1)
+            self.valid[rows, positions] = False
+
+    def clear_rows(self, rows: torch.Tensor | list[int]) -> None:
+        """Drop every residual of the given rows (a finished request's slot is reused)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
+        rows = rows[rows < self.valid.shape[0]]
+        self.valid[rows] = False
 
     def has_residual(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, l] bool: whether a residual is stored at the absolute `positions` [B, l]."""
@@ -226,7 +272,7 @@ class ResidualState:
         """
         if batch_index.numel() == 0:
             return
-        self._ensure(self.batch_size, int(positions.max()) + 1)
+        self.grow(int(batch_index.max()) + 1, int(positions.max()) + 1)
         # logits wider than the table (padded LM heads) have columns with no embedding row;
         # the op refuses them, so keep the columns that pair with real rows
         vocab = min(logits.shape[-1], self.embed_weight.shape[0])

@@ -50,6 +50,14 @@ class WrapperStats:
         return self.target_forwards + self.self_init_forwards + self.reference_forwards
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The model to call: PEFT's `PeftModel` (whose forward(*args, **kwargs) hides the argument
+    names the wrapper reads) gives way to `get_base_model()`, which still runs the LoRA layers
+    PEFT injected into it. Any other model is returned as is."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 class RCDModel:
     """RCD wrapper around a dLLM; call it exactly like the model. Build one with `wrap`.
 
@@ -79,6 +87,7 @@ class RCDModel:
     ):
         if injection not in INJECTIONS:
             raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
+        model = unwrap_peft(model)
         self.model = model
         self.injection = injection
         self.residual_config = config or ResidualConfig()
@@ -243,7 +252,7 @@ class RCDModel:
             raise TypeError(
                 f"rcd_ext.wrap: cannot find input_ids in this call to {type(self.model).__name__} "
                 f"(forward{self._signature}); wrap the underlying model instead "
-                "(for PEFT models: model.get_base_model())"
+                "(a PEFT-style wrapper without get_base_model())"
             )
         if arguments.get("inputs_embeds") is not None:
             # embeddings chosen by the caller: nothing to inject

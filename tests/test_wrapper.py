@@ -309,3 +309,29 @@ def test_a_forward_that_hides_input_ids_is_refused():
     rcd_model = wrap(Opaque(), mask_id=1, block_length=4)
     with pytest.raises(TypeError, match="cannot find input_ids"):
         rcd_model(torch.tensor([[5, 6, 1, 1]]))
+
+
+def test_a_peft_model_is_unwrapped_to_its_base_model():
+    # PEFT's PeftModel hides argument names behind forward(*args, **kwargs) but gives its base
+    # model (LoRA layers inside) through get_base_model(): the wrapper calls that one.
+    inner = tiny_model()
+
+    class PeftShaped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = inner
+
+        def get_base_model(self):
+            return self.base
+
+        def forward(self, *args, **kwargs):
+            return self.base(*args, **kwargs)
+
+    through_peft = wrap(PeftShaped(), mask_id=MASK, block_length=4)
+    direct = wrap(inner, mask_id=MASK, block_length=4)
+    assert through_peft.model is inner
+    x = torch.tensor([[5, 6, MASK, MASK]])
+    through_peft(x)
+    direct(x)
+    assert torch.equal(through_peft(x).logits, direct(x).logits)
+    assert through_peft.stats.residual_rows == direct.stats.residual_rows > 0

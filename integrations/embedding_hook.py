@@ -1,0 +1,183 @@
+"""RCD for engines whose forward never takes `inputs_embeds`: a forward hook on the
+input-embedding module, plus stable batch rows for continuously batched requests.
+
+Serving engines (JetEngine, the D2F vLLM engine) and Fast-dLLM v2's `batch_sample` feed token
+ids only, often as one flat tensor packing several requests. `EmbeddingHookRCD` replaces the
+embedding rows of masked tokens by their stored residuals; the engine adapter tells it, per
+forward, which request and absolute position each flat token belongs to (`prepare`) and hands
+it the logits the sampler reads (`update`). `SequenceSlots` turns the engine's request ids
+into small stable row indices of the residual state: requests join and leave between steps
+and their order in a batch changes, while residuals must stay with their request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcd_ext.integrations.engine_patching import RCDOptions
+from rcd_ext.residual import ResidualState
+
+
+class EmbeddingHookRCD:
+    """Residual injection through a forward hook on the input-embedding module.
+
+    Per forward: `prepare(token_ids, positions, rows)` ([N] flat or [B, l]; positions absolute
+    per request; `rows` [N] the request's slot, default 0 for flat and the batch index for
+    [B, l]), the engine's forward (masked tokens with a stored residual get it instead of
+    E[M]), then `update(logits)` with the logits of the same tokens ([N, V] or [B, l, V]), or
+    of a subset of them (`token_index`). `release(rows)` when requests finish, `reset()`
+    between independent batches, `remove()` to detach.
+
+    Args:
+        embedding: the model's input-embedding module (its weight is the residual table: with
+            a vocabulary-sharded embedding under tensor parallelism it is not, and the
+            adapters refuse that).
+        mask_id: the mask token id.
+        options: `RCDOptions` (init "cold" only: the hook cannot run extra forwards).
+    """
+
+    def __init__(self, embedding: nn.Module, mask_id: int, options: RCDOptions | None = None):
+        options = options or RCDOptions()
+        if options.init != "cold":
+            raise ValueError(f"init={options.init!r} needs extra forwards the embedding hook "
+                             "cannot make; use init='cold' (the paper's SDAR setting)")
+        weight = getattr(embedding, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"{type(embedding).__name__} has no [V, D] `weight`: the embedding "
+                            "hook needs the module that maps token ids to embeddings")
+        self.state = ResidualState(weight, mask_id, options.residual_config("all"))
+        self.mask_id = int(mask_id)
+        self.enabled = options.rcd
+        self.injected = 0  # masked tokens that received a residual, over the hook's life
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.handle = embedding.register_forward_hook(self._hook)
+
+    def reset(self, batch: int = 1) -> None:
+        """Forget every residual (a new, independent batch of requests)."""
+        self.state.reset(batch)
+        self._pending = None
+
+    def release(self, rows: torch.Tensor | list[int]) -> None:
+        """Forget every residual of the slots `rows` (their requests finished)."""
+        self.state.clear_rows(rows)
+
+    def forget(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """Drop the residuals at (rows [N], absolute positions [N]): masked tokens whose new
+        logits are unusable (e.g. a logit shift leaves a slice's first token without any)."""
+        self.state.forget(rows, positions)
+
+    def prepare(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                rows: torch.Tensor | None = None) -> None:
+        """Announce the tokens of the next forward: ids and absolute positions, [N] or [B, l];
+        `rows` [N] the slot of each flat token (default 0)."""
+        if token_ids.shape != positions.shape:
+            raise ValueError(f"token_ids {tuple(token_ids.shape)} and positions "
+                             f"{tuple(positions.shape)} must have the same shape")
+        if token_ids.dim() == 1:
+            rows = torch.zeros_like(token_ids) if rows is None else rows
+        else:
+            rows = torch.arange(token_ids.shape[0], device=token_ids.device)[:, None] \
+                .expand_as(token_ids)
+        if rows.shape != token_ids.shape:
+            raise ValueError(f"rows {tuple(rows.shape)} must match token_ids "
+                             f"{tuple(token_ids.shape)}")
+        self._pending = (token_ids.reshape(-1), positions.reshape(-1).long(),
+                         rows.reshape(-1).long())
+
+    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> Any:
+        if not self.enabled or self._pending is None:
+            return None
+        ids, positions, rows = self._pending
+        flat = output.reshape(-1, output.shape[-1])
+        if flat.shape[0] != ids.shape[0]:
+            raise ValueError(f"prepare() announced {ids.shape[0]} tokens but the embedding "
+                             f"module embedded {flat.shape[0]}")
+        masked = ids == self.mask_id
+        if not bool(masked.any()):
+            return None
+        have = self.state.stored(rows, positions) & masked
+        if not bool(have.any()):
+            return None
+        flat = flat.clone()
+        flat[have] = self.state.residuals_at(rows[have], positions[have]).to(flat.dtype)
+        self.injected += int(have.sum())
+        return flat.view_as(output)
+
+    def update(self, logits: torch.Tensor, token_index: torch.Tensor | None = None) -> None:
+        """Store this forward's residuals and forget those of committed tokens.
+
+        logits: [N, V] / [B, l, V] for every token of the last `prepare`, or [M, V] for the
+            announced tokens `token_index` [M] (engines whose head keeps only some rows);
+            announced masked tokens without logits keep what they had.
+        """
+        if not self.enabled or self._pending is None:
+            return
+        ids, positions, rows = self._pending
+        self._pending = None
+        logits = logits.reshape(-1, logits.shape[-1])
+        if token_index is None:
+            if logits.shape[0] != ids.shape[0]:
+                raise ValueError(f"got logits for {logits.shape[0]} tokens, prepare() announced "
+                                 f"{ids.shape[0]}: pass token_index for a subset")
+            token_index = torch.arange(ids.shape[0], device=ids.device)
+        elif token_index.shape[0] != logits.shape[0]:
+            raise ValueError(f"token_index selects {token_index.shape[0]} tokens but logits "
+                             f"has {logits.shape[0]} rows")
+        masked = ids == self.mask_id
+        # a token that is real now never needs its old residual again
+        self.state.forget(rows[~masked], positions[~masked])
+        write = masked[token_index]
+        if bool(write.any()):
+            chosen = token_index[write]
+            self.state.write(rows[chosen], positions[chosen], logits[write])
+
+    def remove(self) -> None:
+        """Detach the hook."""
+        self.handle.remove()
+
+
+class SequenceSlots:
+    """Stable residual-state rows for engine request ids.
+
+    `rows_for(ids)` gives each id the row it already has or the lowest free one; `release(id)`
+    frees it. Rows are reused, so the adapter must `EmbeddingHookRCD.release` a freed row
+    before a new request can take it (`release` returns it for that).
+    """
+
+    def __init__(self) -> None:
+        self.active: dict[Any, int] = {}
+        self._free: list[int] = []
+        self._next = 0
+
+    def rows_for(self, request_ids: list[Any]) -> list[int]:
+        """The row of each request id (new ids get a free row)."""
+        rows = []
+        for request_id in request_ids:
+            row = self.active.get(request_id)
+            if row is None:
+                if self._free:
+                    self._free.sort()
+                    row = self._free.pop(0)
+                else:
+                    row, self._next = self._next, self._next + 1
+                self.active[request_id] = row
+            rows.append(row)
+        return rows
+
+    def release(self, request_id: Any) -> int | None:
+        """Free the row of `request_id`; returns it (None for an unknown id)."""
+        row = self.active.pop(request_id, None)
+        if row is not None:
+            self._free.append(row)
+        return row
+
+    def release_missing(self, request_ids: list[Any]) -> list[int]:
+        """Free the rows of every active id not in `request_ids` (requests that left without
+        the adapter seeing them finish); returns the freed rows."""
+        keep = set(request_ids)
+        gone = [request_id for request_id in self.active if request_id not in keep]
+        return [row for row in (self.release(request_id) for request_id in gone)
+                if row is not None]

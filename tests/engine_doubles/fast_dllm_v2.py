@@ -3,9 +3,10 @@ only, and `batch_sample` with v2's public signature and model calls.
 
 Conventions reproduced: `self.forward(input_ids=..., use_cache=True, past_key_values=cache,
 update_past_key_values=...)` called directly (not through `__call__`); committed blocks are
-appended to the cache by an update call on the finished block; with `use_block_cache` the first
-step of a small block runs the whole block and returns `block_past_key_values`, later steps
-run the small block alone with `replace_position=<offset of the small block>`; logits are
+appended to the cache by an update call on the finished block; with `use_block_cache` a step
+runs the whole block and returns `block_past_key_values` while the small block's first token is
+masked in any row, later steps run the small block alone with
+`replace_position=<offset of the small block>`; logits are
 shifted by one (`cat([logits[:, :1], logits[:, :-1]])`). Equal prompt lengths only.
 """
 
@@ -74,7 +75,10 @@ class V2Double(_DoubleBase):
                 start = x_t.shape[1] - block_size + small_start
                 end = start + small_block_size
                 while (x_t[:, start:end] == mask_id).any():
-                    if use_block_cache and block_cache is not None:
+                    # as v2: the whole block again while the small block's first token is
+                    # masked in any row, then the small block alone
+                    if use_block_cache and block_cache is not None and \
+                            not (x_t[:, start] == mask_id).any():
                         logits = self.forward(input_ids=x_t[:, start:end], use_cache=True,
                                               past_key_values=cache,
                                               update_past_key_values=False,

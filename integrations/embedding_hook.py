@@ -41,9 +41,10 @@ class EmbeddingHookRCD:
 
     def __init__(self, embedding: nn.Module, mask_id: int, options: RCDOptions | None = None):
         options = options or RCDOptions()
-        if options.init != "cold":
-            raise ValueError(f"init={options.init!r} needs extra forwards the embedding hook "
-                             "cannot make; use init='cold' (the paper's SDAR setting)")
+        init = options.residual.init
+        if init != "cold":
+            raise ValueError(f"init={init!r} needs extra forwards the embedding hook cannot "
+                             "make; use init='cold' (the paper's SDAR setting)")
         weight = getattr(embedding, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(f"{type(embedding).__name__} has no [V, D] `weight`: the embedding "

@@ -39,8 +39,9 @@ class RCDOptions:
     rcd: False makes the patched sampler call the original with the original model (bit for
         bit the unpatched engine).
     ref_model: frozen reference dLLM for init="reference" (the paper's LLaDA warm start).
-    t_res, temper_delta, strategy, alpha_scale, init, dirichlet_concentration: as in
-        `rcd_ext.residual.ResidualConfig`.
+    residual: the residual options (`rcd_ext.residual.ResidualConfig`: t_res, temper_delta,
+        strategy, alpha_scale, init, dirichlet_concentration); a patched sampler takes each of
+        them as a keyword of its own (`t_res=0.92`). Its `scope` is set from `suffix`.
     suffix: what masked positions *after* the block being decoded receive (Fast-dLLM's
         semi-AR samplers): "mask" (default) keeps plain [M] embeddings there, so the dual
         cache's suffix K/V, written once per block, hold the same inputs as in the no-cache
@@ -51,39 +52,37 @@ class RCDOptions:
 
     rcd: bool = True
     ref_model: nn.Module | None = None
-    t_res: float = 1.0
-    temper_delta: bool = False
-    strategy: str = "entropy"
-    alpha_scale: float = 1.0
-    init: str = "cold"
-    dirichlet_concentration: float = 1.0
+    residual: ResidualConfig = ResidualConfig()
     suffix: str = "mask"
     seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.suffix not in SUFFIXES:
             raise ValueError(f"suffix must be one of {SUFFIXES}, got {self.suffix!r}")
-        self.residual_config()  # validates the residual options at patch time
 
     def residual_config(self, scope: str | None = None) -> ResidualConfig:
         """The `ResidualConfig` these options describe (`scope` overrides the suffix rule)."""
         if scope is None:
             scope = "block" if self.suffix == "mask" else "all"
-        return ResidualConfig(t_res=self.t_res, temper_delta=self.temper_delta,
-                              strategy=self.strategy, alpha_scale=self.alpha_scale,
-                              init=self.init, scope=scope,
-                              dirichlet_concentration=self.dirichlet_concentration)
+        return replace(self.residual, scope=scope)
 
     def updated(self, changes: dict[str, Any]) -> RCDOptions:
-        """A copy with `changes` (None values keep the current option)."""
-        known = {field.name for field in fields(self)}
-        unknown = set(changes) - known
+        """A copy with `changes`, flat option names (None values keep the current option)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        unknown = set(changes) - set(OPTION_NAMES)
         if unknown:
-            raise TypeError(f"unknown RCD option(s) {sorted(unknown)}; known: {sorted(known)}")
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+            raise TypeError(f"unknown RCD option(s) {sorted(unknown)}; known: "
+                            f"{sorted(OPTION_NAMES)}")
+        residual = {k: changes.pop(k) for k in RESIDUAL_NAMES if k in changes}
+        if residual:
+            changes["residual"] = replace(self.residual, **residual)  # validates them
+        return replace(self, **changes)
 
 
-OPTION_NAMES = tuple(field.name for field in fields(RCDOptions))
+# the residual options a patched sampler takes as keywords (scope comes from `suffix`)
+RESIDUAL_NAMES = tuple(f.name for f in fields(ResidualConfig) if f.name != "scope")
+
+OPTION_NAMES = tuple(f.name for f in fields(RCDOptions) if f.name != "residual") + RESIDUAL_NAMES
 
 
 def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -49,7 +49,7 @@ def test_hook_injects_stored_residuals_per_request_and_absolute_position():
 def test_hook_refuses_warm_inits_and_mismatched_batches():
     embedding = LLaDADouble().get_input_embeddings()
     with pytest.raises(ValueError, match="init='cold'"):
-        EmbeddingHookRCD(embedding, MASK, RCDOptions(init="self"))
+        EmbeddingHookRCD(embedding, MASK, RCDOptions().updated({"init": "self"}))
     hook = EmbeddingHookRCD(embedding, MASK)
     hook.prepare(torch.tensor([MASK, MASK]), torch.tensor([0, 1]))
     hook.update(torch.zeros(2, embedding.weight.shape[0]))

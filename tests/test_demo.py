@@ -72,3 +72,16 @@ def test_verdict_says_when_rcd_is_not_ahead():
     assert "RCD warm ahead at: 2 steps" in lines[2]
     assert "RCD warm behind at: 1 step" in lines[3]
     assert "1 step" in report.table(records)
+
+
+def test_demo_on_another_task_trains_for_it_and_unknown_tasks_are_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "--task", "pointer_chasing", "--stage1-steps", "2",
+                 "--stage2-steps", "1", "--batch-size", "4", "--test-size", "8", "--steps", "8",
+                 "--thresholds", "0.9", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "trained on coupled_choices: training for pointer_chasing" in printed
+    assert "held-out pointer_chasing problems" in printed
+    check_schema(json.loads((out / "results.json").read_text()), 8)
+    with pytest.raises(ValueError, match="unknown task 'chess'; known: .*pointer_chasing"):
+        main(["demo", "--task", "chess", "--out", str(out)])

@@ -39,18 +39,22 @@ def load_checkpoints(directory: Path = SHIPPED) -> dict[str, nn.Module]:
 
 
 def train_checkpoints(directory: Path, task: str = "task:coupled_choices", stage1: int = 1000,
-                      stage2: int = 500, batch_size: int = 128, quiet: bool = True) -> None:
-    """Run the recipe's three `rcd train` commands into `directory`/{reference,seqd,rcd}."""
+                      stage2: int = 500, batch_size: int = 128, quiet: bool = True,
+                      seed: int = 0) -> None:
+    """Run the recipe's three `rcd train` commands into `directory`/{reference,seqd,rcd}.
+
+    seed: stage 1's seed; stage 2 uses seed + 1 (the shipped checkpoints: seed 0)."""
     from rcd_ext.cli import main
 
     common = ["--data", task, "--batch-size", str(batch_size), "--save-steps", "1000000",
               "--logging-steps", str(max(1, stage1 // 4) if not quiet else 10**9)]
     commands = {
-        "reference": ["--stage", "seqd", "--model", "tiny", "--max-steps", str(stage1)],
+        "reference": ["--stage", "seqd", "--model", "tiny", "--max-steps", str(stage1),
+                      "--seed", str(seed)],
         "seqd": ["--stage", "seqd", "--model", str(directory / "reference"),
-                 "--max-steps", str(stage2), "--seed", "1"],
+                 "--max-steps", str(stage2), "--seed", str(seed + 1)],
         "rcd": ["--stage", "rcd", "--reference", str(directory / "reference"),
-                "--max-steps", str(stage2), "--seed", "1"],
+                "--max-steps", str(stage2), "--seed", str(seed + 1)],
     }
     for name, arguments in commands.items():
         began = time.perf_counter()

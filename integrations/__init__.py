@@ -6,6 +6,8 @@ Modules (each imported on its own, so that none pulls in another engine's depend
 - `fast_dllm_v2`: `patch_fast_dllm_v2` (block-diffusion `batch_sample`, embedding hook)
 - `d2f`: `patch_d2f` (Discrete Diffusion Forcing's Hugging Face samplers)
 - `sdar`: `patch_sdar` (SDAR's `block_diffusion_generate`)
+- `d2f_vllm`: `patch_d2f_vllm` (D2F's vLLM-style serving engine)
+- `jetengine`: `patch_jetengine` (SDAR's JetEngine serving engine)
 - `engine_patching`: the shared options and patch/undo machinery
 - `embedding_hook`: `EmbeddingHookRCD` and `SequenceSlots` for engines fed token ids only
 - `lm_eval_model`: the lm-eval models `rcd` and `seqd`, and the `rcd-lm-eval` entry point

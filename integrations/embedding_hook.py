@@ -88,6 +88,11 @@ class EmbeddingHookRCD:
         self._pending = (token_ids.reshape(-1), positions.reshape(-1).long(),
                          rows.reshape(-1).long())
 
+    def cancel(self) -> None:
+        """Drop the announcement of a forward that did not complete (it raised before
+        `update`), so that it cannot be applied to the next forward."""
+        self._pending = None
+
     def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> Any:
         if not self.enabled or self._pending is None:
             return None

@@ -109,8 +109,13 @@ class ResidualState:
         mask_id: id of the mask token.
         config: residual options.
 
-    Storage grows with the largest absolute position seen: embeds [B, L, D] (table dtype),
-    alpha [B, L] float32, valid [B, L] bool.
+    Storage is a pool with one row per residual in flight, not a dense [B, L, D] tensor:
+    `slot` [B, L] long maps each (batch row, absolute position) to its pool row (-1: none);
+    `pool_embeds` [P, D] (table dtype) and `pool_alpha` [P] float32 hold the residuals. A
+    position gives its pool row back when its token is committed or its batch row is cleared,
+    so P follows the masked positions that have logits (a block, or the blocks in flight),
+    not the longest sequence: a server with 128 requests of 4096 tokens and D = 3584 keeps
+    4 MiB of slots plus P x D instead of 3.5 GiB.
     """
 
     def __init__(self, embed_weight: torch.Tensor, mask_id: int, config: ResidualConfig):
@@ -121,26 +126,42 @@ class ResidualState:
         self.embed_weight = embed_weight
         self.mask_id = int(mask_id)
         self.config = config
-        self.batch_size = 0
-        self.embeds = embed_weight.new_zeros((0, 0, embed_weight.shape[1]))
-        self.alpha = torch.zeros((0, 0), dtype=torch.float32, device=embed_weight.device)
-        self.valid = torch.zeros((0, 0), dtype=torch.bool, device=embed_weight.device)
+        device, dim = embed_weight.device, embed_weight.shape[1]
+        # never empty: lookups clamp "no residual" (-1) to row 0 and mask the result
+        with torch.inference_mode(False):  # see `reset`
+            self.pool_embeds = embed_weight.new_zeros((1, dim))
+            self.pool_alpha = torch.zeros(1, dtype=torch.float32, device=device)
+            self.pool_used = torch.zeros(1, dtype=torch.bool, device=device)
+        self.reset(0)
 
     @property
     def mask_embed(self) -> torch.Tensor:
         """[D] embedding of the mask token."""
         return self.embed_weight[self.mask_id]
 
+    @property
+    def batch_size(self) -> int:
+        """Batch rows the state has room for."""
+        return self.slot.shape[0]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[B, L] bool: which (row, position) pairs hold a residual (a new tensor)."""
+        return self.slot >= 0
+
+    @property
+    def residuals_held(self) -> int:
+        """Pool rows in use (residuals in flight)."""
+        return int(self.pool_used.sum())
+
     def reset(self, batch_size: int = 0) -> None:
-        """Forget every residual (new prompt batch)."""
-        self.batch_size = batch_size
-        device, dim = self.embed_weight.device, self.embed_weight.shape[1]
+        """Forget every residual (new prompt batch); the pool keeps its capacity."""
         # engines call in from torch.inference_mode(); storage made there would refuse the
         # in-place updates made outside it later, so it is always made as normal tensors
         with torch.inference_mode(False):
-            self.embeds = self.embed_weight.new_zeros((batch_size, 0, dim))
-            self.alpha = torch.zeros((batch_size, 0), dtype=torch.float32, device=device)
-            self.valid = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
+            self.slot = torch.full((batch_size, 0), -1, dtype=torch.long,
+                                   device=self.embed_weight.device)
+            self.pool_used.zero_()
 
     def _ensure(self, batch_size: int, length: int) -> None:
         # the [B, l] methods take a different batch size as a new batch (generate's calls)
@@ -154,22 +175,38 @@ class ResidualState:
         Engines that batch requests continuously add rows as requests arrive; growing never
         forgets the residuals of the requests already in flight (unlike `reset`).
         """
-        rows, have = self.valid.shape
+        rows, have = self.slot.shape
         if batch_size <= rows and length <= have:
             return
         new_rows, new_length = max(batch_size, rows), max(length, have)
         if new_length > have:
             new_length = max(new_length, 2 * have)  # amortise growth over many steps
-        dim = self.embed_weight.shape[1]
         with torch.inference_mode(False):  # normal tensors, as in `reset`
-            embeds = self.embeds.new_zeros((new_rows, new_length, dim))
-            alpha = self.alpha.new_zeros((new_rows, new_length))
-            valid = self.valid.new_zeros((new_rows, new_length))
-            embeds[:rows, :have] = self.embeds
-            alpha[:rows, :have] = self.alpha
-            valid[:rows, :have] = self.valid
-        self.embeds, self.alpha, self.valid = embeds, alpha, valid
-        self.batch_size = new_rows
+            slot = self.slot.new_full((new_rows, new_length), -1)
+            slot[:rows, :have] = self.slot
+        self.slot = slot
+
+    def _allocate(self, count: int) -> torch.Tensor:
+        """[count] long: free pool rows, now marked used (the pool doubles when full)."""
+        free = (~self.pool_used).nonzero().squeeze(1)
+        if free.numel() < count:
+            capacity = self.pool_used.shape[0]
+            new_capacity = max(2 * capacity, capacity + count - free.numel(), 16)
+            with torch.inference_mode(False):
+                embeds = self.pool_embeds.new_zeros((new_capacity, self.pool_embeds.shape[1]))
+                alpha = self.pool_alpha.new_zeros(new_capacity)
+                used = self.pool_used.new_zeros(new_capacity)
+                embeds[:capacity] = self.pool_embeds
+                alpha[:capacity] = self.pool_alpha
+                used[:capacity] = self.pool_used
+            self.pool_embeds, self.pool_alpha, self.pool_used = embeds, alpha, used
+            free = torch.cat([free, torch.arange(capacity, new_capacity, device=free.device)])
+        chosen = free[:count]
+        self.pool_used[chosen] = True
+        return chosen
+
+    def _release(self, slots: torch.Tensor) -> None:
+        self.pool_used[slots[slots >= 0]] = False
 
     # Flat (row, position) pairs: engines that pack several requests into one token batch.
 
@@ -178,34 +215,37 @@ class ResidualState:
         if positions.numel() == 0:
             return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
         self.grow(int(rows.max()) + 1, int(positions.max()) + 1)
-        return self.valid[rows, positions]
+        return self.slot[rows, positions] >= 0
 
     def residuals_at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[N, D] stored residual embeddings at the pairs (rows [N], positions [N]); rows
         where none is stored hold garbage: select with `stored` first."""
-        return self.embeds[rows, positions]
+        return self.pool_embeds[self.slot[rows, positions].clamp_min(0)]
 
     def forget(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
         """Drop the residuals at the pairs (rows [N], positions [N]) (committed tokens)."""
         if positions.numel():
             self.grow(int(rows.max()) + 1, int(positions.max()) + 1)
-            self.valid[rows, positions] = False
+            self._release(self.slot[rows, positions])
+            self.slot[rows, positions] = -1
 
     def clear_rows(self, rows: torch.Tensor | list[int]) -> None:
         """Drop every residual of the given rows (a finished request's slot is reused)."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
-        rows = rows[rows < self.valid.shape[0]]
-        self.valid[rows] = False
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.slot.device)
+        rows = rows[rows < self.slot.shape[0]]
+        self._release(self.slot[rows].reshape(-1))
+        self.slot[rows] = -1
 
     def has_residual(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, l] bool: whether a residual is stored at the absolute `positions` [B, l]."""
         self._ensure(positions.shape[0], int(positions.max()) + 1 if positions.numel() else 0)
-        return torch.gather(self.valid, 1, positions)
+        return torch.gather(self.slot, 1, positions) >= 0
 
     def alpha_at(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, l] float32 alpha stored at `positions` (0 where none is stored)."""
-        valid = self.has_residual(positions)
-        return torch.gather(self.alpha, 1, positions) * valid
+        self._ensure(positions.shape[0], int(positions.max()) + 1 if positions.numel() else 0)
+        slots = torch.gather(self.slot, 1, positions)
+        return self.pool_alpha[slots.clamp_min(0)] * (slots >= 0)
 
     def inputs_embeds(
         self,
@@ -238,7 +278,7 @@ class ResidualState:
             return embeds
         rows, cols = use.nonzero(as_tuple=True)
         embeds = embeds.clone()
-        embeds[rows, cols] = self.embeds[rows, positions[rows, cols]].to(embeds.dtype)
+        embeds[rows, cols] = self.residuals_at(rows, positions[rows, cols]).to(embeds.dtype)
         return embeds
 
     def update(
@@ -256,7 +296,9 @@ class ResidualState:
         self._ensure(input_ids.shape[0], int(positions.max()) + 1 if positions.numel() else 0)
         masked = input_ids == self.mask_id
         # a committed token's position never needs its old residual again
-        self.valid.scatter_(1, positions, torch.gather(self.valid, 1, positions) & masked)
+        slots = torch.gather(self.slot, 1, positions)
+        self._release(slots[~masked])
+        self.slot.scatter_(1, positions, slots.masked_fill(~masked, -1))
         write = masked if scope is None else masked & scope
         if not bool(write.any()):
             return 0
@@ -282,6 +324,14 @@ class ResidualState:
             t_res=cfg.t_res, temper_delta=cfg.temper_delta, strategy=cfg.strategy,
             alpha_scale=cfg.alpha_scale,
         )
-        self.embeds[batch_index, positions] = embeds
-        self.alpha[batch_index, positions] = alpha
-        self.valid[batch_index, positions] = True
+        slots = self.slot[batch_index, positions]
+        new = slots < 0
+        if bool(new.any()):
+            slots[new] = self._allocate(int(new.sum()))
+            self.slot[batch_index, positions] = slots
+            # a pair given twice got two pool rows; the slot table kept one of them
+            kept = self.slot[batch_index, positions]
+            self._release(slots[slots != kept])
+            slots = kept
+        self.pool_embeds[slots] = embeds.to(self.pool_embeds.dtype)
+        self.pool_alpha[slots] = alpha

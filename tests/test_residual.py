@@ -159,3 +159,55 @@ def test_bad_config_is_refused(kwargs):
 def test_mask_id_outside_table_is_refused(table):
     with pytest.raises(ValueError, match="mask id"):
         ResidualState(table, VOCAB + 3, ResidualConfig())
+
+
+def test_storage_follows_the_residuals_in_flight_not_the_sequence_length(table):
+    # a long semi-AR decode, block by block: committed positions hand their pool rows back,
+    # so the pool never holds more than one block per batch row
+    batch, block, blocks = 2, 4, 16
+    state = ResidualState(table, MASK, ResidualConfig(scope="block"))
+    generator = torch.Generator().manual_seed(3)
+    for b in range(blocks):
+        start = b * block
+        ids = torch.full((batch, block), MASK)
+        for step in range(block):
+            state.update(torch.randn(batch, block, VOCAB, generator=generator), ids,
+                         positions(batch, start, block))
+            assert state.residuals_held == int((ids == MASK).sum())
+            ids[:, step] = 7  # commit one token per row per step
+        state.update(torch.randn(batch, block, VOCAB), ids, positions(batch, start, block))
+        assert state.residuals_held == 0
+    assert state.slot.shape[1] >= blocks * block
+    assert state.pool_embeds.shape[0] <= 16  # the first allocation, never grown
+
+
+def test_pool_rows_are_reused_and_values_stay_with_their_position(table):
+    state = ResidualState(table, MASK, ResidualConfig())
+    rows, pos = torch.tensor([0, 0, 1]), torch.tensor([5, 9, 5])
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(4))
+    state.write(rows, pos, logits)
+    expected, alpha = hand_residual(logits, table, MASK)
+    torch.testing.assert_close(state.residuals_at(rows, pos), expected)
+    state.forget(torch.tensor([0]), torch.tensor([9]))
+    state.clear_rows([1])
+    assert state.residuals_held == 1
+    assert state.stored(rows, pos).tolist() == [True, False, False]
+    more = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(5))
+    state.write(torch.tensor([2, 2]), torch.tensor([1, 2]), more)  # takes the freed rows
+    assert state.residuals_held == 3
+    torch.testing.assert_close(state.residuals_at(rows[:1], pos[:1]), expected[:1])
+    torch.testing.assert_close(state.residuals_at(torch.tensor([2, 2]), torch.tensor([1, 2])),
+                               hand_residual(more, table, MASK)[0])
+    # [B, l] lookups: batch row b at positions[b] (3 rows: the state's batch)
+    alpha_more = hand_residual(more, table, MASK)[1]
+    torch.testing.assert_close(state.alpha_at(torch.tensor([[5, 9], [5, 5], [1, 2]])),
+                               torch.tensor([[alpha[0], 0.0], [0.0, 0.0], alpha_more.tolist()]))
+
+
+def test_a_pair_written_twice_in_one_call_holds_one_pool_row(table):
+    state = ResidualState(table, MASK, ResidualConfig())
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(6))
+    state.write(torch.tensor([0, 0]), torch.tensor([3, 3]), logits)
+    assert state.residuals_held == 1
+    state.forget(torch.tensor([0]), torch.tensor([3]))
+    assert state.residuals_held == 0

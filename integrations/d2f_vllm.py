@@ -46,7 +46,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcd_ext.integrations.embedding_hook import EmbeddingHookRCD, SequenceSlots
+from rcd_ext.integrations.embedding_hook import (
+    EmbeddingHookRCD,
+    SequenceSlots,
+    input_embedding,
+    refuse_unhookable_runner,
+)
 from rcd_ext.integrations.engine_patching import RCDOptions
 from rcd_ext.integrations.fast_dllm import SamplerPatch
 
@@ -107,31 +112,11 @@ def check_runner(runner: Any) -> None:
     if model_type != "diffusion_lm":
         raise ValueError(f"model_type={model_type!r}: RCD needs the diffusion runner "
                          "(model_type='diffusion_lm'); a causal LM has no masked tokens")
-    tensor_parallel = max(int(getattr(config, "tensor_parallel_size", 1) or 1),
-                          int(getattr(runner, "world_size", 1) or 1))
-    if tensor_parallel > 1:
-        raise ValueError(
-            f"tensor_parallel_size={tensor_parallel}: each rank's embedding holds a vocabulary "
-            "shard (VocabParallelEmbedding, all-reduced), not the residual table, and ranks > 0 "
-            "run in other processes; pass tensor_parallel_size=1 (d2f_vllm's Config defaults "
-            "to 2)")
-    if not getattr(runner, "enforce_eager", getattr(config, "enforce_eager", False)):
-        raise ValueError(
-            "enforce_eager=False: decode steps would replay a captured CUDA graph, in which the "
-            "Python embedding hook does not run; pass enforce_eager=True")
-
-
-def input_embedding(model: nn.Module) -> nn.Module:
-    """The module mapping token ids to input embeddings (`model.model.embed_tokens`)."""
-    getter = getattr(model, "get_input_embeddings", None)
-    if callable(getter):
-        return getter()
-    inner = getattr(model, "model", None)
-    embedding = getattr(inner, "embed_tokens", None)
-    if not isinstance(embedding, nn.Module):
-        raise ValueError(f"{type(model).__name__} has no model.embed_tokens: pass embedding= "
-                         "(the input-embedding module)")
-    return embedding
+    refuse_unhookable_runner(
+        runner,
+        tensor_parallel_fix="ranks > 0 run in other processes; pass tensor_parallel_size=1 "
+                            "(d2f_vllm's Config defaults to 2)",
+        eager_fix="pass enforce_eager=True")
 
 
 def shift_rows(layout: FlatLayout, masked: torch.Tensor,

@@ -145,6 +145,42 @@ class EmbeddingHookRCD:
         self.handle.remove()
 
 
+def input_embedding(model: nn.Module) -> nn.Module:
+    """The module mapping token ids to input embeddings: `model.model.embed_tokens` (the
+    nano-vllm-style engines' models) or, failing that, `model.get_input_embeddings()`."""
+    embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if embedding is None and callable(getattr(model, "get_input_embeddings", None)):
+        embedding = model.get_input_embeddings()
+    if not isinstance(embedding, nn.Module):
+        raise TypeError(f"{type(model).__name__} has neither model.embed_tokens nor "
+                        "get_input_embeddings(): RCD needs the input-embedding module")
+    return embedding
+
+
+def refuse_unhookable_runner(runner: Any, embedding: nn.Module | None = None, *,
+                             tensor_parallel_fix: str, eager_fix: str) -> None:
+    """Raise ValueError for the settings of a nano-vllm-style model runner (JetEngine, the D2F
+    vLLM engine) under which a Python embedding hook cannot do RCD.
+
+    - tensor parallelism: each rank's `VocabParallelEmbedding` holds a vocabulary shard (its
+      output all-reduced), so no process holds the residual table;
+    - CUDA graphs (`enforce_eager=False`): a graph replay runs no Python hooks, so nothing
+      would ever be injected.
+    The `*_fix` texts end each message with the engine's own remedy.
+    """
+    config = getattr(runner, "config", None)
+    tensor_parallel = max(int(getattr(config, "tensor_parallel_size", 1) or 1),
+                          int(getattr(runner, "world_size", 1) or 1),
+                          int(getattr(embedding, "tp_size", 1) or 1))
+    if tensor_parallel > 1:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel}: each rank's embedding then "
+                         "holds a vocabulary shard, not the residual table; "
+                         f"{tensor_parallel_fix}")
+    if not getattr(runner, "enforce_eager", getattr(config, "enforce_eager", False)):
+        raise ValueError("enforce_eager=False: steps would replay captured CUDA graphs, which "
+                         f"run no Python forward hooks; {eager_fix}")
+
+
 class SequenceSlots:
     """Stable residual-state rows for engine request ids.
 

@@ -38,7 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcd_ext.integrations.embedding_hook import EmbeddingHookRCD, SequenceSlots
+from rcd_ext.integrations.embedding_hook import (
+    EmbeddingHookRCD,
+    SequenceSlots,
+    input_embedding,
+    refuse_unhookable_runner,
+)
 from rcd_ext.integrations.engine_patching import RCDOptions
 from rcd_ext.integrations.fast_dllm import SamplerPatch
 
@@ -64,35 +69,15 @@ def _runner_of(target: Any) -> Any:
     return runner
 
 
-def _embedding_of(runner: Any) -> nn.Module:
-    model = runner.model
-    embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if embedding is None and callable(getattr(model, "get_input_embeddings", None)):
-        embedding = model.get_input_embeddings()
-    if not isinstance(embedding, nn.Module):
-        raise TypeError(f"{type(model).__name__} has no model.embed_tokens: RCD needs the "
-                        "input-embedding module of JetEngine's model")
-    return embedding
-
-
 def check_runner(runner: Any, embedding: nn.Module) -> None:
     """Raise `ValueError` for JetEngine settings under which the embedding hook cannot work."""
-    config = getattr(runner, "config", None)
-    tensor_parallel = max(int(getattr(config, "tensor_parallel_size", 1) or 1),
-                          int(getattr(runner, "world_size", 1) or 1),
-                          int(getattr(embedding, "tp_size", 1) or 1))
-    if tensor_parallel > 1:
-        raise ValueError(
-            f"tensor_parallel_size={tensor_parallel}: JetEngine's VocabParallelEmbedding then "
-            "holds a vocabulary shard per rank (and only rank 0 gets logits), so no process "
-            "has the residual table. Build the engine with tensor_parallel_size=1 (data "
-            "parallel through `accelerate launch`, one engine per GPU, works)")
-    eager = getattr(runner, "enforce_eager", getattr(config, "enforce_eager", False))
-    if not eager:
-        raise ValueError(
-            "enforce_eager=False: JetEngine replays captured CUDA graphs for DENOISE steps, and "
-            "a replay runs no Python forward hooks, so no residual would ever be injected. "
-            "Build the engine with LLM(..., enforce_eager=True)")
+    refuse_unhookable_runner(
+        runner, embedding,
+        tensor_parallel_fix="only rank 0 gets logits. Build the engine with "
+                            "tensor_parallel_size=1 (data parallel through `accelerate launch`, "
+                            "one engine per GPU, works)",
+        eager_fix="build the engine with LLM(..., enforce_eager=True) (JetEngine's default is "
+                  "False)")
 
 
 def _mask_id_of(runner: Any, mask_id: int | None) -> int:
@@ -139,7 +124,7 @@ class JetEnginePatch(SamplerPatch):
     def _follow_model(self) -> None:
         # `reinit_model` / `reload_from_hf_model` build a new model: residuals of the old table
         # are meaningless and the old hook sits on a module nobody calls any more
-        embedding = _embedding_of(self.runner)
+        embedding = input_embedding(self.runner.model)
         if embedding is not self._embedding:
             check_runner(self.runner, embedding)
             self._attach(embedding)
@@ -248,7 +233,7 @@ def patch_jetengine(target: Any, *, rcd: bool = True, mask_id: int | None = None
         def run(seqs: Sequence[Any], run_type: Any) -> Any:
             return original_run(seqs, run_type)
     else:
-        embedding = _embedding_of(runner)
+        embedding = input_embedding(runner.model)
         check_runner(runner, embedding)
         patch.mask_id = _mask_id_of(runner, mask_id)
         patch._attach(embedding)

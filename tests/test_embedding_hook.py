@@ -147,3 +147,23 @@ def test_state_grown_under_inference_mode_accepts_updates_outside_it():
     hook.update(torch.randn(2, embedding.weight.shape[0]))
     assert hook.state.stored(torch.tensor([0, 1, 2]), torch.tensor([3, 4, 4])).tolist() == \
         [True, True, False]
+
+
+def test_serving_runner_checks_name_the_setting_and_the_engines_fix():
+    from types import SimpleNamespace
+
+    from rcd_ext.integrations.embedding_hook import input_embedding, refuse_unhookable_runner
+
+    fixes = {"tensor_parallel_fix": "use TP 1", "eager_fix": "use eager"}
+    sharded = SimpleNamespace(config=SimpleNamespace(tensor_parallel_size=1), world_size=1,
+                              enforce_eager=True)
+    with pytest.raises(ValueError, match="tensor_parallel_size=4: .*use TP 1"):
+        refuse_unhookable_runner(sharded, SimpleNamespace(tp_size=4), **fixes)
+    graphed = SimpleNamespace(config=SimpleNamespace(enforce_eager=False))
+    with pytest.raises(ValueError, match="enforce_eager=False: .*use eager"):
+        refuse_unhookable_runner(graphed, **fixes)
+    refuse_unhookable_runner(SimpleNamespace(config=SimpleNamespace(enforce_eager=True)), **fixes)
+    model = LLaDADouble()
+    assert input_embedding(model) is model.get_input_embeddings()
+    with pytest.raises(TypeError, match="model.embed_tokens nor get_input_embeddings"):
+        input_embedding(torch.nn.Linear(2, 2))

@@ -29,8 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcd_ext.integrations.engine_patching import RCDOptions, build_rcd_model, split_options
-from rcd_ext.integrations.fast_dllm import SamplerPatch
+from rcd_ext.integrations.engine_patching import (
+    RCDOptions,
+    SamplerPatch,
+    build_rcd_model,
+    split_options,
+)
 from rcd_ext.models.adapters import ModelAdapter, get_adapter
 from rcd_ext.wrapper import unwrap_peft
 

@@ -52,8 +52,7 @@ from rcd_ext.integrations.embedding_hook import (
     input_embedding,
     refuse_unhookable_runner,
 )
-from rcd_ext.integrations.engine_patching import RCDOptions
-from rcd_ext.integrations.fast_dllm import SamplerPatch
+from rcd_ext.integrations.engine_patching import RCDOptions, SamplerPatch
 
 D2F_VLLM_MASK_ID = 151666  # the engine's Config.mask_token_id default (Dream)
 _WRAPPED = ("run", "run_verbose", "run_model")

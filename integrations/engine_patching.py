@@ -5,6 +5,7 @@ the fused op); this module only decides *how an engine reaches it*:
 
 - `RCDOptions`: the keyword-only extras the patched samplers take (`rcd=`, `ref_model=`,
   residual options, `suffix=`), with defaults fixed when the patch is installed;
+- `SamplerPatch`: what a patch changed, and `undo()`;
 - `build_rcd_model`: one `RCDModel` per generate call (a fresh residual state per prompt);
 - `swapped_forward`: for samplers that call the model as `self(...)` from a method bound to
   the model (Dream's `diffusion_generate`), the model's `forward` is replaced by the wrapper
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -118,6 +119,32 @@ def build_rcd_model(
                          generator=generator)
     rcd_model.reset(gen_start=gen_start)
     return rcd_model
+
+
+@dataclass
+class SamplerPatch:
+    """What a patch changed; `undo()` restores the engine exactly.
+
+    Attributes:
+        options: the default RCD options of the patched samplers.
+        originals: name -> original function (or method) per patched target.
+        rebound: 'module.name' of every imported name rebound to a patched function.
+        last_rcd_model: the `RCDModel` of the most recent RCD call (stats, alpha trace).
+        last_hook: the `EmbeddingHookRCD` of the most recent call of a hook-based adapter.
+    """
+
+    options: RCDOptions
+    originals: dict[str, Any] = field(default_factory=dict)
+    rebound: list[str] = field(default_factory=list)
+    last_rcd_model: RCDModel | None = None
+    last_hook: Any = None
+    _restore: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def undo(self) -> None:
+        """Put every original function back (module attributes and rebound imports)."""
+        for restore in reversed(self._restore):
+            restore()
+        self._restore.clear()
 
 
 class _ReentrancyGuard:

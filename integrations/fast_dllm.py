@@ -30,7 +30,6 @@ import importlib
 import inspect
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,41 +38,15 @@ from torch import nn
 from rcd_ext.integrations.engine_patching import (
     OPTION_NAMES,
     RCDOptions,
+    SamplerPatch,
     build_rcd_model,
     rebind,
     split_options,
     swapped_forward,
 )
-from rcd_ext.wrapper import RCDModel
 
 LLADA_SAMPLERS = ("generate", "generate_with_prefix_cache", "generate_with_dual_cache")
 DREAM_DEFAULT_BLOCK_LENGTH = 32  # diffusion_generate's own default (kwargs.get("block_length", 32))
-
-
-@dataclass
-class SamplerPatch:
-    """What a patch changed; `undo()` restores the engine exactly.
-
-    Attributes:
-        options: the default RCD options of the patched samplers.
-        originals: name -> original function (or method) per patched target.
-        rebound: 'module.name' of every imported name rebound to a patched function.
-        last_rcd_model: the `RCDModel` of the most recent RCD call (stats, alpha trace).
-        last_hook: the `EmbeddingHookRCD` of the most recent call of a hook-based adapter.
-    """
-
-    options: RCDOptions
-    originals: dict[str, Any] = field(default_factory=dict)
-    rebound: list[str] = field(default_factory=list)
-    last_rcd_model: RCDModel | None = None
-    last_hook: Any = None
-    _restore: list[Callable[[], None]] = field(default_factory=list, repr=False)
-
-    def undo(self) -> None:
-        """Put every original function back (module attributes and rebound imports)."""
-        for restore in reversed(self._restore):
-            restore()
-        self._restore.clear()
 
 
 def _with_rcd_signature(function: Callable[..., Any], original: Callable[..., Any]) -> None:

@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from rcd_ext.integrations.embedding_hook import EmbeddingHookRCD
-from rcd_ext.integrations.engine_patching import RCDOptions, split_options
-from rcd_ext.integrations.fast_dllm import SamplerPatch
+from rcd_ext.integrations.engine_patching import RCDOptions, SamplerPatch, split_options
 from rcd_ext.models.adapters import ModelAdapter
 
 V2_MASK_ID = 151665

@@ -44,8 +44,7 @@ from rcd_ext.integrations.embedding_hook import (
     input_embedding,
     refuse_unhookable_runner,
 )
-from rcd_ext.integrations.engine_patching import RCDOptions
-from rcd_ext.integrations.fast_dllm import SamplerPatch
+from rcd_ext.integrations.engine_patching import RCDOptions, SamplerPatch
 
 _PATCH_ATTRIBUTE = "_rcd_jetengine_patch"
 

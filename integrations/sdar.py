@@ -31,8 +31,12 @@ from typing import Any
 from torch import nn
 
 from rcd_ext.integrations.embedding_hook import EmbeddingHookRCD  # noqa: F401 (re-export)
-from rcd_ext.integrations.engine_patching import RCDOptions, build_rcd_model, split_options
-from rcd_ext.integrations.fast_dllm import SamplerPatch
+from rcd_ext.integrations.engine_patching import (
+    RCDOptions,
+    SamplerPatch,
+    build_rcd_model,
+    split_options,
+)
 
 SDAR_MASK_ID = 151669
 

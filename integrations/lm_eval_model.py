@@ -11,9 +11,11 @@ unless they are already set. Releases that read the `lm_eval.models` entry-point
 `RCDLM` / `SeqDLM` there.
 
 What each request type does:
-- `generate_until`: `rcd_ext.generate` on batches of prompts of equal token length (the
-  samplers take no padding mask, so a batch never mixes lengths), cut at the first EOS and at
-  the earliest stop string (`until`, plus the EOS text as lm-eval's HFLM adds it).
+- `generate_until`: `rcd_ext.generate` on batches of up to `batch_size` prompts, cut at the
+  first EOS and at the earliest stop string (`until`, plus the EOS text as lm-eval's HFLM adds
+  it). Models whose adapter supports left padding (the tiny dLLM) batch prompts of any lengths,
+  longest first; the others batch prompts of equal token length only. Either way each result
+  equals decoding its prompt alone (greedy).
 - `loglikelihood`: a Monte-Carlo estimate of the masked-diffusion ELBO, as LLaDA's own
   evaluation computes it (`masked_diffusion_elbo`); residuals play no part in one forward.
 - `loglikelihood_rolling`: NotImplementedError.
@@ -205,7 +207,8 @@ class RCDLM(TemplateLM):
             top_p, top_k, cache: none | prefix | dual, stop_at_eos (True), seed (0), mask_id.
         rcd (True for `rcd`, False for `seqd`), init: cold | reference | self | dirichlet,
             t_res (1.0), temper_delta, strategy, alpha_scale, scope, dirichlet_concentration.
-        batch_size: prompts per generate call (lm-eval's --batch_size; "auto" means 1).
+        batch_size: prompts per generate call (lm-eval's --batch_size; "auto" means 1); they
+            may differ in length where the model takes left-padded batches (`pads_prompts`).
         mc_num (128), mc_batch_size (32): draws of the loglikelihood estimate and draws per
             forward; greedy_check (False): compute is_greedy by LLaDA's one-token-at-a-time
             greedy unmasking (L extra forwards per request).
@@ -475,9 +478,18 @@ class RCDLM(TemplateLM):
             text = text.replace(special, "")
         return text
 
+    @property
+    def pads_prompts(self) -> bool:
+        """Whether a `generate_until` batch may mix prompt lengths: the adapter decodes
+        left-padded batches exactly and a padding token (pad id or EOS) is known."""
+        adapter = self.adapter
+        return adapter.supports_padding and (adapter.pad_id is not None
+                                             or adapter.eos_id is not None)
+
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """One completion per request (context, gen_kwargs): batched by prompt length and
-        generation settings, cut at EOS and at the earliest `until` string."""
+        """One completion per request (context, gen_kwargs): batched by generation settings
+        (and by prompt length unless the model takes left-padded batches, `pads_prompts`),
+        longest prompt first, cut at EOS and at the earliest `until` string."""
         from rcd_ext.decoding import generate
 
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
@@ -493,7 +505,16 @@ class RCDLM(TemplateLM):
             ids = self.tok_encode(context, left_truncate_len=self._prompt_budget(gen_length))
             key = (len(ids), gen_length, temperature)
             jobs.append((key, index, context, gen_kwargs, ids, stops))
-        jobs.sort(key=lambda job: (-job[0][0], job[0][1:], job[1]))
+        mixed = self.pads_prompts
+        if mixed:
+            # one run of jobs per setting, longest prompt first: lengths change only a little
+            # within a batch, so little of it is padding
+            jobs.sort(key=lambda job: (job[0][1:], -job[0][0], job[1]))
+        else:
+            jobs.sort(key=lambda job: (-job[0][0], job[0][1:], job[1]))
+
+        def batchable(job: tuple, first: tuple) -> bool:
+            return job[0][1:] == first[0][1:] if mixed else job[0] == first[0]
 
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
@@ -502,7 +523,7 @@ class RCDLM(TemplateLM):
         while start < len(jobs):
             end = start + 1
             while (end < len(jobs) and end - start < self.batch_size
-                   and jobs[end][0] == jobs[start][0]):
+                   and batchable(jobs[end], jobs[start])):
                 end += 1
             batch = jobs[start:end]
             _, gen_length, temperature = batch[0][0]

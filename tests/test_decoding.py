@@ -250,8 +250,8 @@ def test_bad_prompts_and_models_are_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="contains the mask token"):
         generate(model, torch.tensor([[5, MASK, 6]]), gen_length=4, block_length=4)
-    with pytest.raises(ValueError, match="equal lengths"):
-        generate(model, [[5, 6], [5, 6, 7]], gen_length=4, block_length=4)
+    with pytest.raises(ValueError, match="does not support prompts of different lengths"):
+        generate(LLaDADouble(), [[5, 6], [5, 6, 7]], gen_length=4, block_length=4)
     with pytest.raises(ValueError, match="need a tokenizer"):
         generate(model, "a b", gen_length=4, block_length=4)
     with pytest.raises(ValueError, match="model's block_length 4"):

@@ -2,13 +2,18 @@
 
 The loop is a plain sampler (`rcd_ext.decoding.loops`); RCD is switched on by handing it the
 model wrapped by `rcd_ext.wrap`, so the residual logic exists once.
+
+Prompts of different lengths are left-padded (`batch_layout`): the loops and the wrapper work
+on absolute columns of the padded batch, the adapter adds the attention mask and position ids
+to every forward, and `LeftPaddedModel` gives the model each row's own positions. A batch with
+prompts of one length is decoded exactly as before (no mask, no position ids).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,7 +26,7 @@ from rcd_ext.decoding.loops import (
     semi_autoregressive,
 )
 from rcd_ext.decoding.remasking import POLICIES
-from rcd_ext.models.adapters import ModelAdapter, get_adapter
+from rcd_ext.models.adapters import LeftPaddedModel, LeftPadding, ModelAdapter, get_adapter
 from rcd_ext.residual import ResidualConfig
 from rcd_ext.wrapper import RCDModel
 
@@ -89,8 +94,11 @@ class StepTrace:
 
 @dataclass
 class GenerationResult:
-    """tokens [B, gen_length]; sequences [B, prompt + gen_length]; text when a tokenizer was
-    given (cut at the first EOS); stats; trace (list of StepTrace) when asked for."""
+    """tokens [B, gen_length]; sequences [B, prompt_length + gen_length]: each prompt and its
+    tokens, left-padded with the pad id to the longest prompt (as Hugging Face's generate
+    returns them: row b starts at column prompt_length - prompt_lengths[b]); text when a
+    tokenizer was given (cut at the first EOS, no padding); stats; trace (list of StepTrace)
+    when asked for; prompt_length (the longest prompt) and prompt_lengths (each row's)."""
 
     tokens: torch.Tensor
     sequences: torch.Tensor
@@ -98,6 +106,49 @@ class GenerationResult:
     text: list[str] | None = None
     trace: list[StepTrace] = field(default_factory=list)
     prompt_length: int = 0
+    prompt_lengths: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where the rows of a batch sit in the decoded sequence x [B, total].
+
+    Attributes:
+        gen_starts: [B] column where each row's generation starts.
+        offsets: [B] padding columns in front of each row (its prompt is
+            x[b, offsets[b]:gen_starts[b]]).
+        total: columns of x.
+    """
+
+    gen_starts: list[int]
+    offsets: list[int]
+    total: int
+
+    @property
+    def padded(self) -> bool:
+        return any(self.offsets)
+
+
+def batch_layout(lengths: Sequence[int], gen_length: int, block_length: int,
+                 block_diffusion: bool) -> BatchLayout:
+    """How `generate` lays out prompts of `lengths` tokens.
+
+    Semi-AR loop: every prompt is left-padded to the longest, P; generation fills P..P+gen-1
+    (the blocks start at the prompt's end, so all rows share them). Block diffusion: blocks
+    are aligned to absolute multiples of block_length and membership is by slot, so a row is
+    padded by whole blocks only (its blocks stay those it has alone) and ends in the last block
+    of the longest prompt or the one before; rows then start generating at different columns
+    and total = the longest row's alone.
+    """
+    longest = max(lengths)
+    if block_diffusion:
+        offsets = [(longest - n) // block_length * block_length for n in lengths]
+        total = -(-(longest + gen_length) // block_length) * block_length
+    else:
+        offsets = [longest - n for n in lengths]
+        total = longest + gen_length
+    return BatchLayout(gen_starts=[o + n for o, n in zip(offsets, lengths, strict=True)],
+                       offsets=offsets, total=total)
 
 
 def _prompt_ids(prompt: Any, tokenizer: Any, chat_template: bool) -> list[list[int]]:
@@ -167,6 +218,7 @@ def generate(
     trace: bool = False,
     progress: bool = False,
     adapter: ModelAdapter | None = None,
+    pad_id: int | None = None,
 ) -> GenerationResult:
     """Decode `gen_length` tokens after each prompt with RCD (`rcd=False`: plain SeqD).
 
@@ -174,7 +226,9 @@ def generate(
         model: a supported dLLM (LLaDA, Dream, SDAR, the tiny dLLM, or a generic HF masked LM
             that accepts inputs_embeds).
         prompt: text or list of texts (with `tokenizer`), token ids [P], [B, P] tensor or list
-            of equal-length id lists.
+            of id lists. Prompts of different lengths are left-padded (models whose adapter
+            `supports_padding`: the tiny dLLM; others raise ValueError); each row then decodes
+            as it would alone.
         gen_length, block_length: tokens to generate, in blocks of block_length.
         steps: denoising steps for the whole generation (default gen_length); divided evenly
             among the gen_length / block_length blocks.
@@ -189,19 +243,21 @@ def generate(
             row's first EOS become EOS.
         seed: seeds sampling and the Dirichlet init.
         trace: record every step (`GenerationResult.trace`).
+        pad_id: padding token for prompts of different lengths (default: the tokenizer's or
+            config's pad id, else EOS). Padding is never attended, masked or committed.
 
     Returns:
-        GenerationResult with tokens [B, gen_length], sequences, text, stats and trace.
+        GenerationResult with tokens [B, gen_length], sequences (left-padded prompts and tokens),
+        text, stats and trace.
     """
     adapter = adapter or get_adapter(model, tokenizer, mask_id=mask_id, require_embeddings=rcd)
+    if adapter.padding is not None:  # a caller's adapter padded for another batch
+        adapter = replace(adapter, padding=None)
     rows = _prompt_ids(prompt, tokenizer, chat_template)
-    lengths = {len(r) for r in rows}
-    if len(lengths) != 1:
-        raise ValueError(f"prompts in a batch must have equal lengths, got {sorted(lengths)}: "
-                         "decode them separately or pad them yourself")
-    prompt_length = lengths.pop()
-    if prompt_length == 0:
+    lengths = [len(r) for r in rows]
+    if min(lengths) == 0:
         raise ValueError("empty prompt")
+    prompt_length = max(lengths)
     if gen_length <= 0 or block_length <= 0:
         raise ValueError(f"gen_length and block_length must be > 0, got {gen_length}, "
                          f"{block_length}")
@@ -224,24 +280,47 @@ def generate(
         if adapter.family == "tiny" and config_block != block_length:
             raise ValueError(f"block_length {block_length} != the model's block_length "
                              f"{config_block}: a block-causal model decodes its own blocks")
-        total = -(-(prompt_length + gen_length) // block_length) * block_length
     else:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
         if cache not in adapter.cache_modes:
             raise ValueError(f"cache {cache!r} is not supported for {adapter.family} models "
                              f"(supported: {adapter.cache_modes})")
-        total = prompt_length + gen_length
+    layout = batch_layout(lengths, gen_length, block_length, block_loop)
+    total = layout.total
     if adapter.max_length is not None and total > adapter.max_length:
         raise ValueError(f"prompt of {prompt_length} tokens + {gen_length} generated = {total} "
                          f"positions exceed the model's context of {adapter.max_length}")
+    if any(adapter.mask_id in row for row in rows):
+        raise ValueError(f"the prompt contains the mask token (id {adapter.mask_id})")
 
     device = _device_of(model)
-    prompts = torch.tensor(rows, dtype=torch.long, device=device)
-    if bool((prompts == adapter.mask_id).any()):
-        raise ValueError(f"the prompt contains the mask token (id {adapter.mask_id})")
+    padding = None
+    fill = adapter.mask_id
+    if layout.padded:
+        adapter.check_padding()
+        fill = _padding_id(adapter, pad_id)
+        padding = LeftPadding.from_offsets(layout.offsets, total, device)
     x = torch.full((len(rows), total), adapter.mask_id, dtype=torch.long, device=device)
-    x[:, :prompt_length] = prompts
+    for index, (row, offset) in enumerate(zip(rows, layout.offsets, strict=True)):
+        x[index, :offset] = fill
+        x[index, offset:offset + len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+    # generation starts at one column for every row, except in a block-diffusion batch of
+    # prompts that end in different blocks' slots
+    gen_starts = torch.tensor(layout.gen_starts, dtype=torch.long, device=device)
+    loop_start: int | torch.Tensor = prompt_length
+    if len(set(layout.gen_starts)) > 1:
+        loop_start = gen_starts
+    # target: the model as every forward reaches it (left padding maps columns to positions)
+    target: Any = model
+    ref_target, ref_adapter = ref_model, None
+    if padding is not None:
+        adapter = adapter.with_padding(padding)
+        target = LeftPaddedModel(model, padding)
+        if rcd and init == "reference" and ref_model is not None:
+            ref_adapter = get_adapter(ref_model, ref_tokenizer, mask_id=adapter.mask_id)
+            ref_adapter = ref_adapter.with_padding(padding)
+            ref_target = LeftPaddedModel(ref_model, padding)
 
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     sampling = Sampling(policy=remasking, threshold=threshold, temperature=temperature,
@@ -253,8 +332,9 @@ def generate(
                                 alpha_scale=alpha_scale, init=init, scope=scope,
                                 dirichlet_concentration=dirichlet_concentration)
         dirichlet_generator = None if seed is None else torch.Generator().manual_seed(seed + 1)
-        wrapper = RCDModel(model, ref_model=ref_model, config=config, adapter=adapter,
-                           tokenizer=tokenizer, ref_tokenizer=ref_tokenizer,
+        wrapper = RCDModel(target, ref_model=ref_target, config=config, adapter=adapter,
+                           ref_adapter=ref_adapter, tokenizer=tokenizer,
+                           ref_tokenizer=ref_tokenizer,
                            block_length=block_length,
                            block_origin="absolute" if block_loop else "prompt",
                            generator=dirichlet_generator)
@@ -263,7 +343,7 @@ def generate(
         runner = wrapper
     else:
         def runner(input_ids: torch.Tensor, **kwargs: Any) -> Any:
-            return model(input_ids=input_ids, **kwargs)
+            return target(input_ids=input_ids, **kwargs)
 
     records: list[StepTrace] = []
     bar = None
@@ -296,7 +376,7 @@ def generate(
     with torch.no_grad():
         if block_loop:
             counters: LoopCounters = block_diffusion(
-                runner, adapter, x, prompt_length, block_length, steps // num_blocks, sampling,
+                runner, adapter, x, loop_start, block_length, steps // num_blocks, sampling,
                 stop_at_eos=stop_at_eos, on_step=on_step)
         else:
             counters = semi_autoregressive(
@@ -306,13 +386,17 @@ def generate(
     if bar is not None:
         bar.close()
 
-    tokens = x[:, prompt_length:prompt_length + gen_length].clone()
+    columns = gen_starts[:, None] + torch.arange(gen_length, device=device)[None, :]
+    tokens = torch.gather(x, 1, columns)
     if stop_at_eos and adapter.eos_id is not None:
         # everything after a row's first EOS is EOS: a batch then equals its single runs
         is_eos = (tokens == adapter.eos_id).long()
         after = (is_eos.cumsum(1) - is_eos) > 0
         tokens[after] = adapter.eos_id
-    sequences = torch.cat([prompts, tokens], 1)
+    sequences = torch.full((len(rows), prompt_length), fill, dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        sequences[index, prompt_length - len(row):] = torch.tensor(row, device=device)
+    sequences = torch.cat([sequences, tokens], 1)
     extra = wrapper.stats if wrapper is not None else None
     stats = DecodeStats(
         batch_size=len(rows),
@@ -329,4 +413,21 @@ def generate(
                 row = row[:row.index(adapter.eos_id)]
             text.append(tokenizer.decode(row, skip_special_tokens=True))
     return GenerationResult(tokens=tokens, sequences=sequences, stats=stats, text=text,
-                            trace=records, prompt_length=prompt_length)
+                            trace=records, prompt_length=prompt_length, prompt_lengths=lengths)
+
+
+def _padding_id(adapter: ModelAdapter, pad_id: int | None) -> int:
+    """The token written into padding columns: `pad_id`, else the model's pad id, else EOS."""
+    chosen = pad_id
+    for candidate in (adapter.pad_id, adapter.eos_id):
+        if chosen is None:
+            chosen = candidate
+    if chosen is None:
+        raise ValueError("prompts of different lengths are left-padded, but neither the "
+                         "tokenizer nor the model config defines a pad_token_id or "
+                         "eos_token_id: pass pad_id=<a token id> to generate()")
+    rows = adapter.embed_weight.shape[0]
+    if chosen == adapter.mask_id or not 0 <= chosen < rows:
+        raise ValueError(f"pad_id {chosen} must be a token of the embedding table (0..{rows - 1}) "
+                         f"other than the mask id {adapter.mask_id}")
+    return int(chosen)

@@ -10,6 +10,12 @@ model and know nothing of residuals. RCD happens when `runner` is an `rcd_ext.wr
   multiples of `block_length` (the first may hold the prompt's tail); whole prompt blocks are
   prefilled into the KV cache, each step forwards only the current block, and the finished
   block is committed to the cache by one more forward with its token ids (plain embeddings).
+  Rows may start generating at different columns (prompts of different lengths, padded by
+  whole blocks): a block holding one row's prompt tail and another's masks is decoded for the
+  rows that have masks and committed to the cache for all.
+
+Left padding never shows here: the loops index absolute columns of the padded batch, and the
+adapter adds the attention mask and position ids to every call (`ModelAdapter.with_padding`).
 """
 
 from __future__ import annotations
@@ -78,10 +84,17 @@ def _commit(x: torch.Tensor, start: int, end: int, logits: torch.Tensor, mask_id
     return chosen
 
 
-def _all_rows_done(x: torch.Tensor, gen_start: int, end: int, eos_id: int | None) -> bool:
+def _all_rows_done(x: torch.Tensor, gen_start: int | torch.Tensor, end: int,
+                   eos_id: int | None) -> bool:
+    """Whether every row holds EOS in its generated columns gen_start..end-1 (gen_start: one
+    column for all rows, or [B] per row)."""
     if eos_id is None:
         return False
-    return bool((x[:, gen_start:end] == eos_id).any(1).all())
+    if isinstance(gen_start, int):
+        return bool((x[:, gen_start:end] == eos_id).any(1).all())
+    columns = torch.arange(end, device=x.device)
+    generated = columns[None, :] >= gen_start.to(x.device)[:, None]
+    return bool(((x[:, :end] == eos_id) & generated).any(1).all())
 
 
 def semi_autoregressive(
@@ -97,7 +110,11 @@ def semi_autoregressive(
     stop_at_eos: bool = True,
     on_step: StepCallback | None = None,
 ) -> LoopCounters:
-    """Decode the masked tail of x [B, T] (prompt first) in place, block by block."""
+    """Decode the masked tail of x [B, T] (prompt first) in place, block by block.
+
+    prompt_length: columns before the generation, the same for every row (a batch with prompts
+    of different lengths is left-padded to the longest).
+    """
     counters = LoopCounters()
     mask_id, total, batch = adapter.mask_id, x.shape[1], x.shape[0]
     num_blocks = (total - prompt_length) // block_length
@@ -140,7 +157,7 @@ def block_diffusion(
     runner: Callable[..., Any],
     adapter: ModelAdapter,
     x: torch.Tensor,
-    prompt_length: int,
+    prompt_length: int | torch.Tensor,
     block_length: int,
     steps_per_block: int,
     sampling: Sampling,
@@ -148,10 +165,16 @@ def block_diffusion(
     stop_at_eos: bool = True,
     on_step: StepCallback | None = None,
 ) -> LoopCounters:
-    """Decode the masked tail of x [B, T] in place; T must be a multiple of block_length."""
+    """Decode the masked tail of x [B, T] in place; T must be a multiple of block_length.
+
+    prompt_length: the column where generation starts, one int for every row or [B] long per
+    row (rows of a batch with prompts of different lengths); decoding starts at the block of
+    the earliest.
+    """
     counters = LoopCounters()
     mask_id, total = adapter.mask_id, x.shape[1]
-    first_block = prompt_length // block_length
+    earliest = prompt_length if isinstance(prompt_length, int) else int(prompt_length.min())
+    first_block = earliest // block_length
     num_blocks = total // block_length
     cache = None
     if first_block > 0:

@@ -14,13 +14,20 @@ Families (chosen from `config.model_type`):
 | sdar    | block diffusion | tokenizer (151669)            | KV cache (store_kv)           |
 | tiny    | by attention    | config.mask_token_id          | none, prefix, dual; KV cache  |
 | generic | semi-AR blocks  | tokenizer / config / argument | none                          |
+
+Left padding (prompts of different lengths in one batch): only adapters with
+`supports_padding` take it (the tiny dLLM). `with_padding` gives an adapter whose forward
+kwargs carry `attention_mask` [B, C+L] over cached + new slots and `position_ids` holding
+absolute columns of the padded batch; `LeftPaddedModel` turns those columns into each row's own
+positions at the model's door, so the loops and the RCD wrapper keep keying on columns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -52,6 +59,89 @@ def _config_id(config: Any, name: str) -> int | None:
     return None if value is None else int(value)
 
 
+# Why a family takes no left padding: its forward's handling of a padding mask is unknown or
+# known to be wrong, and a batch must never decode differently from its rows without saying so.
+NO_PADDING_REASONS = {
+    "llada": "the published LLaDA modelling code ignores attention_mask (ML-GSAI/LLaDA#89) and "
+             "Fast-dLLM's variant turns a padding mask into causal attention",
+    "dream": "rcd-ext does not verify how Dream's modelling code treats a padding mask",
+    "sdar": "SDAR's block-causal masks are built here without padding",
+    "generic": "the attention_mask semantics of an unknown model are not known",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class LeftPadding:
+    """Left padding of a batch decoded as x [B, T].
+
+    Attributes:
+        mask: [B, T] long, 1 on real columns (prompt and generation), 0 on padding.
+        offsets: [B] long, padding columns in front of each row; a row's real tokens start at
+            column offsets[b] and at model position 0.
+    """
+
+    mask: torch.Tensor
+    offsets: torch.Tensor
+
+    @classmethod
+    def from_offsets(cls, offsets: list[int], total: int,
+                     device: torch.device | str = "cpu") -> LeftPadding:
+        """Padding of `offsets[b]` columns in front of row b of a [B, total] batch."""
+        offsets_tensor = torch.tensor(offsets, dtype=torch.long, device=device)
+        columns = torch.arange(total, device=device)
+        mask = (columns[None, :] >= offsets_tensor[:, None]).long()
+        return cls(mask=mask, offsets=offsets_tensor)
+
+    @property
+    def total(self) -> int:
+        return int(self.mask.shape[1])
+
+    def columns(self, start: int, end: int) -> torch.Tensor:
+        """[end - start] absolute columns start..end-1 (on the mask's device)."""
+        return torch.arange(start, end, device=self.mask.device)
+
+    def positions(self, columns: torch.Tensor) -> torch.Tensor:
+        """Model positions [B, l] of absolute columns [B, l] or [l]: column - offset.
+
+        Padding columns get position 0: they are never attended, so any in-range value works.
+        """
+        columns = columns.to(self.offsets.device).long()
+        if columns.dim() == 1:
+            columns = columns[None]
+        return (columns - self.offsets[:, None]).clamp_min(0)
+
+
+class LeftPaddedModel:
+    """`model` called through left padding: the loops and the RCD wrapper pass `position_ids`
+    as absolute columns of the padded batch (the wrapper keys residuals on them); this object
+    hands the model each row's own positions instead (`LeftPadding.positions`), so a row's
+    real tokens sit at positions 0.. exactly as when it is decoded alone. Everything else is
+    passed through untouched."""
+
+    def __init__(self, model: nn.Module, padding: LeftPadding) -> None:
+        self.model = model
+        self.padding = padding
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """input_ids [B, l] or inputs_embeds [B, l, D]; position_ids [B, l] or [l] absolute
+        columns (None: the model's default); other kwargs (attention_mask [B, C+l], caches)
+        unchanged. Returns the model's output."""
+        if position_ids is not None:
+            kwargs["position_ids"] = self.padding.positions(position_ids)
+        return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    __call__ = forward
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+
 @dataclass
 class ModelAdapter:
     """How rcd-ext talks to one loaded model. Build one with `get_adapter`.
@@ -62,7 +152,12 @@ class ModelAdapter:
         loop: "semi_ar" (bidirectional blocks) or "block_diffusion" (block-causal + KV cache).
         shift_logits: logits at i score token i+1 (Dream); residuals are taken after the shift.
         cache_modes: cache modes the semi-AR loop supports for this model.
+        padding: left padding of the batch being decoded (set by `with_padding`), else None.
+        supports_padding (class attribute): whether the forward kwargs below are right for a
+            left-padded batch in every loop and cache mode of this adapter.
     """
+
+    supports_padding: ClassVar[bool] = False
 
     model: nn.Module
     mask_id: int
@@ -72,6 +167,52 @@ class ModelAdapter:
     loop: str = "semi_ar"
     shift_logits: bool = False
     cache_modes: tuple[str, ...] = ("none",)
+    padding: LeftPadding | None = None
+
+    # ---- left padding -----------------------------------------------------------------------
+    def check_padding(self) -> None:
+        """Raise ValueError when this model cannot decode a left-padded batch."""
+        if self.supports_padding:
+            return
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        name = model_type or type(self.model).__name__
+        reason = NO_PADDING_REASONS.get(self.family, NO_PADDING_REASONS["generic"])
+        raise ValueError(f"{name} does not support prompts of different lengths in one batch: "
+                         f"decode them separately (or group prompts of equal token length); "
+                         f"{reason}")
+
+    def with_padding(self, padding: LeftPadding | None) -> ModelAdapter:
+        """This adapter for a batch with `padding` (a copy; None: no padding, self)."""
+        if padding is None:
+            return self
+        self.check_padding()
+        return dataclasses.replace(self, padding=padding)
+
+    def padding_kwargs(self, keys: torch.Tensor, queries: torch.Tensor) -> dict[str, Any]:
+        """Padding kwargs of one forward; {} without padding.
+
+        Args:
+            keys: [C + L] absolute columns of the key slots in the order the model holds them
+                (cached slots first, then the L new ones).
+            queries: [L] absolute columns of the new tokens.
+
+        Returns attention_mask [B, C + L] (1 real, 0 padding) and, when the forward takes
+        them, position_ids [B, L] as absolute columns (`LeftPaddedModel` maps them to the
+        model's positions; the RCD wrapper reads them as the positions it keys on).
+        """
+        if self.padding is None:
+            return {}
+        kwargs: dict[str, Any] = {"attention_mask": self.padding.mask[:, keys]}
+        if _takes(self.model, "position_ids"):
+            kwargs["position_ids"] = queries[None].expand(self.padding.mask.shape[0], -1)
+        return kwargs
+
+    def span_padding_kwargs(self, start: int, end: int) -> dict[str, Any]:
+        """Padding kwargs of a forward of columns start..end-1 after a cache of 0..start-1."""
+        if self.padding is None:
+            return {}
+        return self.padding_kwargs(self.padding.columns(0, end),
+                                   self.padding.columns(start, end))
 
     # ---- embeddings and calls ------------------------------------------------------------
     @property
@@ -128,12 +269,15 @@ class ModelAdapter:
     def uncached_kwargs(self, length: int, block_length: int | None,
                         device: torch.device) -> dict[str, Any]:
         """Extra kwargs of a plain forward over positions 0..length-1 (reference warm start)."""
-        return {}
+        return self.span_padding_kwargs(0, length)
 
     # ---- semi-AR loop cache modes -----------------------------------------------------------
     def full_forward_kwargs(self, cache: str) -> dict[str, Any]:
         """Extra kwargs of a full-sequence forward (the block start) in a cache mode."""
-        return {} if cache == "none" else {"use_cache": True}
+        kwargs: dict[str, Any] = {} if cache == "none" else {"use_cache": True}
+        if self.padding is not None:
+            kwargs.update(self.span_padding_kwargs(0, self.padding.total))
+        return kwargs
 
     def crop_cache(self, past_key_values: Any, length: int) -> Any:
         """The first `length` positions of a cache."""
@@ -145,7 +289,11 @@ class ModelAdapter:
 
     def prefix_step_kwargs(self, prefix_cache: Any) -> dict[str, Any]:
         """Kwargs of a step on x[:, start:] given a cache of the first `start` positions."""
-        return {"past_key_values": prefix_cache, "use_cache": False}
+        kwargs: dict[str, Any] = {"past_key_values": prefix_cache, "use_cache": False}
+        if self.padding is not None:
+            start = self.cache_length(prefix_cache)
+            kwargs.update(self.span_padding_kwargs(start, self.padding.total))
+        return kwargs
 
     def dual_step_kwargs(self, full_cache: Any, start: int, end: int, total: int,
                          batch_size: int) -> dict[str, Any]:
@@ -165,7 +313,14 @@ class ModelAdapter:
 
 
 class TinyAdapter(ModelAdapter):
-    """The built-in tiny dLLM (`rcd_ext.models.tiny_dllm`): immutable `TinyKVCache`."""
+    """The built-in tiny dLLM (`rcd_ext.models.tiny_dllm`): immutable `TinyKVCache`.
+
+    Its forward takes attention_mask [B, C+L] over cached + new slots and explicit
+    position_ids, so left padding is exact in every mode (block-causal block membership is by
+    slot: `generate` pads block-causal batches by whole blocks, see `batch_layout`).
+    """
+
+    supports_padding: ClassVar[bool] = True
 
     def dual_step_kwargs(self, full_cache, start, end, total, batch_size):
         from rcd_ext.models.tiny_dllm import TinyKVCache
@@ -175,15 +330,23 @@ class TinyAdapter(ModelAdapter):
         layers = [(torch.cat([k[:, :, :start], k[:, :, end:]], 2),
                    torch.cat([v[:, :, :start], v[:, :, end:]], 2)) for k, v in full_cache]
         positions = torch.arange(start, end, device=full_cache[0][0].device)
-        return {"past_key_values": TinyKVCache(layers),
-                "position_ids": positions[None].expand(batch_size, -1)}
+        kwargs: dict[str, Any] = {"past_key_values": TinyKVCache(layers),
+                                  "position_ids": positions[None].expand(batch_size, -1)}
+        if self.padding is not None:
+            columns = self.padding.columns
+            keys = torch.cat([columns(0, start), columns(end, total), columns(start, end)])
+            kwargs.update(self.padding_kwargs(keys, columns(start, end)))
+        return kwargs
 
     def prefill(self, runner, input_ids, cache, block_length):
-        output = runner(input_ids, past_key_values=cache, use_cache=True)
+        start = self.cache_length(cache)
+        padding = self.span_padding_kwargs(start, start + input_ids.shape[1])
+        output = runner(input_ids, past_key_values=cache, use_cache=True, **padding)
         return output.past_key_values
 
     def denoise_kwargs(self, cache, start, end):
-        return {"past_key_values": cache, "use_cache": False}
+        return {"past_key_values": cache, "use_cache": False,
+                **self.span_padding_kwargs(start, end)}
 
 
 class LLaDAAdapter(ModelAdapter):

@@ -13,9 +13,9 @@ unless they are already set. Releases that read the `lm_eval.models` entry-point
 What each request type does:
 - `generate_until`: `rcd_ext.generate` on batches of up to `batch_size` prompts, cut at the
   first EOS and at the earliest stop string (`until`, plus the EOS text as lm-eval's HFLM adds
-  it). Models whose adapter supports left padding (the tiny dLLM) batch prompts of any lengths,
-  longest first; the others batch prompts of equal token length only. Either way each result
-  equals decoding its prompt alone (greedy).
+  it). Models whose adapter supports left padding (the tiny dLLM, Dream) batch prompts of any
+  lengths, longest first; the others batch prompts of equal token length only. Either way
+  each result equals decoding its prompt alone (greedy).
 - `loglikelihood`: a Monte-Carlo estimate of the masked-diffusion ELBO, as LLaDA's own
   evaluation computes it (`masked_diffusion_elbo`); residuals play no part in one forward.
 - `loglikelihood_rolling`: NotImplementedError.

@@ -162,7 +162,6 @@ def test_pad_id_falls_back_to_eos_and_can_be_given():
 # ---- models without padding support ---------------------------------------------------------
 @pytest.mark.parametrize("factory, kwargs, name", [
     (LLaDADouble, dict(cache="none"), "llada"),
-    (DreamDouble, {}, "Dream"),
     (lambda: SDARDouble(block=4), dict(tokenizer=StubTokenizer({"<|MASK|>": SDAR_MASK})),
      "sdar"),
 ])

@@ -227,8 +227,8 @@ def generate(
             that accepts inputs_embeds).
         prompt: text or list of texts (with `tokenizer`), token ids [P], [B, P] tensor or list
             of id lists. Prompts of different lengths are left-padded (models whose adapter
-            `supports_padding`: the tiny dLLM; others raise ValueError); each row then decodes
-            as it would alone.
+            `supports_padding`: the tiny dLLM, Dream; others raise ValueError); each row then
+            decodes as it would alone.
         gen_length, block_length: tokens to generate, in blocks of block_length.
         steps: denoising steps for the whole generation (default gen_length); divided evenly
             among the gen_length / block_length blocks.

@@ -16,10 +16,11 @@ Families (chosen from `config.model_type`):
 | generic | semi-AR blocks  | tokenizer / config / argument | none                          |
 
 Left padding (prompts of different lengths in one batch): only adapters with
-`supports_padding` take it (the tiny dLLM). `with_padding` gives an adapter whose forward
-kwargs carry `attention_mask` [B, C+L] over cached + new slots and `position_ids` holding
-absolute columns of the padded batch; `LeftPaddedModel` turns those columns into each row's own
-positions at the model's door, so the loops and the RCD wrapper keep keying on columns.
+`supports_padding` take it (the tiny dLLM, Dream). `with_padding` gives an adapter whose
+forward kwargs carry `attention_mask` [B, C+L] over cached + new slots (Dream: the 4-D bool
+mask [B, 1, L, C+L] its attention takes) and `position_ids` holding absolute columns of the
+padded batch; `LeftPaddedModel` turns those columns into each row's own positions at the
+model's door, so the loops and the RCD wrapper keep keying on columns.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ def _config_id(config: Any, name: str) -> int | None:
 NO_PADDING_REASONS = {
     "llada": "the published LLaDA modelling code ignores attention_mask (ML-GSAI/LLaDA#89) and "
              "Fast-dLLM's variant turns a padding mask into causal attention",
-    "dream": "rcd-ext does not verify how Dream's modelling code treats a padding mask",
     "sdar": "SDAR's block-causal masks are built here without padding",
     "generic": "the attention_mask semantics of an unknown model are not known",
 }
@@ -349,6 +349,39 @@ class TinyAdapter(ModelAdapter):
                 **self.span_padding_kwargs(start, end)}
 
 
+class DreamAdapter(ModelAdapter):
+    """Dream remote code: logits shifted by one, full forwards only (cache "none").
+
+    Left padding: Dream's SDPA attention hands `attention_mask` to
+    `scaled_dot_product_attention` as it is, so the padding mask goes in the 4-D bool format
+    Dream's own generation builds, [B, 1, L, C+L] (True = may attend): real queries see the
+    real keys. Unlike Dream's generation, a padded query attends to itself instead of to
+    nothing: an all-False row is NaN under some torch versions / SDPA kernels, and a NaN in a
+    padded row's values leaks into every real row of the next layer (0 * NaN, although the
+    key is masked). Position ids go through `LeftPaddedModel` like every padded model's;
+    Fast-dLLM's forward ignores them and rebuilds 0..L-1, so there a padded row runs at
+    positions shifted by its padding, which leaves its attention scores unchanged up to float
+    rounding (as masked padding keys do): Dream's only position signal is RoPE, whose scores
+    depend on position differences. The logit shift is right for every row: all prompts end
+    at column P - 1, which scores column P.
+    Checked on Fast-dLLM's copy of Dream's modelling code (dream/ and v1/dream/): a padded
+    batch decodes each row to its tokens alone, no NaN (test_integration_real_dream_padding).
+    """
+
+    supports_padding: ClassVar[bool] = True
+
+    def padding_kwargs(self, keys, queries):
+        kwargs = super().padding_kwargs(keys, queries)
+        if self.padding is None:
+            return kwargs
+        real_keys = kwargs["attention_mask"].bool()  # [B, C+L]
+        real_queries = self.padding.mask[:, queries].bool()  # [B, L]
+        own_slot = queries[:, None] == keys[None, :]  # [L, C+L]
+        allowed = (real_queries[:, :, None] & real_keys[:, None, :]) | own_slot[None]
+        kwargs["attention_mask"] = allowed[:, None]  # [B, 1, L, C+L]
+        return kwargs
+
+
 class LLaDAAdapter(ModelAdapter):
     """LLaDA remote code; the Fast-dLLM variant adds `replace_position` (dual cache)."""
 
@@ -459,7 +492,7 @@ def get_adapter(
         kwargs["cache_modes"] = tuple(modes)
         found = _first(mask_id, config_mask, LLADA_MASK_ID)
     elif family == "dream":
-        adapter_class = ModelAdapter
+        adapter_class = DreamAdapter
         kwargs["shift_logits"] = True
         found = _first(mask_id, config_mask, _tokenizer_mask_id(tokenizer), DREAM_MASK_ID)
     elif family == "sdar":

@@ -2,6 +2,7 @@
 
     python benchmarks/op_bench.py --device cpu    # writes benchmarks/results/op_cpu.json and .png
     python benchmarks/op_bench.py --device cuda   # on a GPU: LLaDA-8B and Qwen3-8B shapes
+    python benchmarks/op_bench.py --device cuda --top-k 16 64 256   # + the sparse residual
 
 Naive torch is what one would write by hand: float32 softmax and log-softmax over the whole
 [N, V] logits, the entropy, then softmax(z) cast to the table's dtype @ E. Peak extra memory is
@@ -9,6 +10,12 @@ everything allocated during one call (outputs included, for both): on CPU read f
 profiler's allocation events, on CUDA from torch.cuda.max_memory_allocated. On CUDA the fused
 op's time is also reported against the roofline max(bytes / HBM bandwidth, flops / tensor-core
 peak), bytes = one read of E[:V] + two reads of the logits + the probability chunks.
+
+`--top-k K ...` adds the sparse residual (`residual_top_k=K`) per shape: its time with the
+table's mean row cached (and its first call, which computes that mean), peak extra memory, and
+the median relative error ||e_k - e|| / ||e - m|| against the fused op on these logits
+(random normal x 3: a flat distribution, far from a trained model's, so the error is a worst
+case; benchmarks/topk_bench.py measures it on realistic logits).
 """
 
 from __future__ import annotations
@@ -103,6 +110,28 @@ def peak_extra_bytes(fn, device: str) -> int:
     return peak
 
 
+def top_k_record(logits, table, mask, k: int, device: str, repeats: int) -> dict:
+    """The sparse residual at one k: time (cached table mean), first call, memory, error."""
+    exact, _ = fused_residual_context(logits, table, mask, 0.92)
+
+    def call():
+        return ops.residual_context(logits, table, mask, t_res=0.92, residual_top_k=k)
+
+    ops.clear_table_mean_cache()
+    synchronize(device)
+    began = time.perf_counter()
+    call()
+    synchronize(device)
+    first_ms = (time.perf_counter() - began) * 1e3
+    record = time_call(call, device, repeats, warmup=1) | {
+        "first_call_ms": first_ms, "peak_extra_mib": peak_extra_bytes(call, device) / 2**20}
+    got, _ = call()
+    error = ((got.float() - exact.float()).norm(dim=-1)
+             / (exact.float() - mask.float()).norm(dim=-1))
+    record["median_rel_error_vs_exact"] = error.median().item()
+    return record
+
+
 def roofline_ms(shape: dict, device_name: str) -> float | None:
     peaks = next((v for k, v in GPU_PEAKS.items() if k in device_name), None)
     if peaks is None:
@@ -114,7 +143,8 @@ def roofline_ms(shape: dict, device_name: str) -> float | None:
     return max(moved / bandwidth, 2 * rows * vocab * dim / flops_peak) * 1e3
 
 
-def run_shape(shape: dict, device: str, repeats: int, device_name: str) -> dict:
+def run_shape(shape: dict, device: str, repeats: int, device_name: str,
+              top_k: list[int] | None = None) -> dict:
     dtype = getattr(torch, shape["dtype"])
     generator = torch.Generator().manual_seed(0)
     logits = (torch.randn(shape["rows"], shape["vocab"], generator=generator) * 3).to(device,
@@ -137,6 +167,9 @@ def run_shape(shape: dict, device: str, repeats: int, device_name: str) -> dict:
     if bound is not None:
         record["roofline_ms"] = bound
         record["fraction_of_roofline"] = bound / record["fused"]["min_ms"]
+    for k in top_k or []:
+        record.setdefault("top_k", {})[str(k)] = top_k_record(logits, table, mask, k, device,
+                                                              repeats)
     return record
 
 
@@ -173,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--top-k", type=int, nargs="*", default=[], metavar="K",
+                        help="also time the sparse residual (residual_top_k=K) per shape")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES
     records = []
     for shape in shapes:
-        record = run_shape(shape, args.device, args.repeats, device_name)
+        record = run_shape(shape, args.device, args.repeats, device_name, args.top_k)
         records.append(record)
         line = (f"{shape['name']:>22}: fused {record['fused']['min_ms']:8.2f} ms "
                 f"{record['fused']['peak_extra_mib']:7.1f} MiB | naive "
@@ -194,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         if "fraction_of_roofline" in record:
             line += f", {record['fraction_of_roofline']:.0%} of roofline"
         print(line, flush=True)
+        for k, sparse in record.get("top_k", {}).items():
+            print(f"{'top-' + k:>22}: {sparse['min_ms']:8.2f} ms {sparse['peak_extra_mib']:7.1f} "
+                  f"MiB (first call {sparse['first_call_ms']:.1f} ms), median error "
+                  f"{sparse['median_rel_error_vs_exact']:.3g}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "op_bench",
@@ -203,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": ops.backend(args.device),
         "records": records,
     }
-    stem = f"op_{args.device}"
+    stem = f"op_{args.device}" + ("_topk" if args.top_k else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(records, f"residual_context on {device_name} (torch {torch.__version__})",
          args.out / f"{stem}.png")

@@ -206,7 +206,8 @@ class RCDLM(TemplateLM):
             threshold (0.9), temperature (default: the task's; 0 when it does not sample),
             top_p, top_k, cache: none | prefix | dual, stop_at_eos (True), seed (0), mask_id.
         rcd (True for `rcd`, False for `seqd`), init: cold | reference | self | dirichlet,
-            t_res (1.0), temper_delta, strategy, alpha_scale, scope, dirichlet_concentration.
+            t_res (1.0), temper_delta, strategy, alpha_scale, scope, dirichlet_concentration,
+            residual_top_k (none: exact; k: the sparse top-k residual).
         batch_size: prompts per generate call (lm-eval's --batch_size; "auto" means 1); they
             may differ in length where the model takes left-padded batches (`pads_prompts`).
         mc_num (128), mc_batch_size (32): draws of the loglikelihood estimate and draws per
@@ -248,6 +249,7 @@ class RCDLM(TemplateLM):
         alpha_scale: float | str = 1.0,
         scope: str = "block",
         dirichlet_concentration: float | str = 1.0,
+        residual_top_k: int | str | None = None,
         mc_num: int | str = 128,
         mc_batch_size: int | str = 32,
         greedy_check: bool | str = False,
@@ -305,6 +307,7 @@ class RCDLM(TemplateLM):
             "alpha_scale": float(alpha_scale),
             "scope": str(scope),
             "dirichlet_concentration": float(dirichlet_concentration),
+            "residual_top_k": _optional(residual_top_k, int),
         }
         self.gen_length = _optional(gen_length, int)
         self.temperature = _optional(temperature, float)

@@ -17,6 +17,16 @@ are never read. Logits wider than the table are refused: those columns have no e
 
 This function materialises [N, V] tensors and computes in float32; it is the spec, not the fast
 path. Validation lives in `rcd_ext.op_checks`, shared with the kernels' front.
+
+Top-k residual (`residual_context_top_k_reference`, the spec of `residual_top_k=k`): alpha is
+exactly the above (full-vocabulary entropy); delta keeps the k largest logits' rows and spreads
+the rest of the probability mass uniformly over the other rows:
+
+    S      = the k columns with the largest logits z (ties: the lower column first)
+    delta  = sum_{j in S} p_j E_j + (sum_{j not in S} p_j) * mean_{j not in S} E_j
+
+with p the exact full-vocabulary probabilities. This is exact when the tail's probabilities are
+equal (uniform logits: any k), and equals the formula above for k >= V.
 """
 
 from __future__ import annotations
@@ -60,5 +70,43 @@ def residual_context_reference(
 
     p = torch.softmax(z / t_res if temper_delta else z, dim=-1)
     delta = p @ table
+    embeds = (1.0 - alpha)[:, None] * mask[None, :] + alpha[:, None] * delta
+    return embeds.to(embed_weight.dtype), alpha
+
+
+def residual_context_top_k_reference(
+    logits: torch.Tensor,
+    embed_weight: torch.Tensor,
+    mask_embed: torch.Tensor,
+    t_res: float = 1.0,
+    temper_delta: bool = False,
+    strategy: str = "entropy",
+    alpha_scale: float = 1.0,
+    residual_top_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch top-k residual context (see the module docstring); None or k >= V is exact.
+
+    Written independently of the fast path: full softmax, a stable sort for the top k, and the
+    tail's mean row taken from the tail rows themselves. Returns (embeds [N, D] in
+    embed_weight's dtype, alpha [N] float32).
+    """
+    n, vocab = logits.shape
+    k = vocab if residual_top_k is None else min(int(residual_top_k), vocab)
+    _, alpha = residual_context_reference(logits, embed_weight, mask_embed, t_res, temper_delta,
+                                          strategy, alpha_scale)
+    z = logits.detach().float()
+    table = embed_weight.detach()[:vocab].float()
+    mask = mask_embed.detach().float()
+    p = torch.softmax(z / t_res if temper_delta else z, dim=-1)
+    # stable descending sort: among equal logits the lower column comes first
+    order = torch.sort(z, dim=-1, descending=True, stable=True).indices
+    head = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+    head.scatter_(1, order[:, :k], True)
+    p_head = torch.where(head, p, torch.zeros_like(p))
+    p_tail = torch.where(head, torch.zeros_like(p), p)
+    delta = p_head @ table
+    if k < vocab:
+        tail_mean = (~head).float() @ table / (vocab - k)  # [N, D]: each row's own tail
+        delta = delta + p_tail.sum(-1, keepdim=True) * tail_mean
     embeds = (1.0 - alpha)[:, None] * mask[None, :] + alpha[:, None] * delta
     return embeds.to(embed_weight.dtype), alpha

@@ -4,19 +4,36 @@ Kernels live in csrc/ (CPU: statistics pass + BLAS GEMM in vocabulary chunks; CU
 kernel + tensor-core GEMM in chunks), registered with torch.library under one schema; the fake
 implementation below lets the op run under torch.compile(fullgraph=True) and torch.export.
 The plain-torch specification is `rcd_ext.op_reference.residual_context_reference`.
+
+`residual_top_k=k` (1 <= k < V) runs a sparse variant in plain torch instead (CPU and CUDA): alpha
+from the exact full-vocabulary entropy, delta from the k rows of the largest logits plus the
+tail's probability mass times the mean of the other rows, derived from the table's mean row
+(computed once per table and cached). Specification:
+`rcd_ext.op_reference.residual_context_top_k_reference`.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
+import weakref
+from collections import OrderedDict
 from typing import Literal
 
 import torch
 
 from rcd_ext import _extension
 from rcd_ext.op_checks import check_logit_values, check_residual_context_args
-from rcd_ext.op_reference import STRATEGIES, residual_context_reference
+from rcd_ext.op_reference import (
+    STRATEGIES,
+    residual_context_reference,
+    residual_context_top_k_reference,
+)
 
-__all__ = ["STRATEGIES", "backend", "residual_context", "residual_context_reference"]
+__all__ = ["STRATEGIES", "backend", "check_residual_top_k", "clear_table_mean_cache",
+           "residual_context", "residual_context_reference", "residual_context_top_k_reference",
+           "table_mean"]
 
 Backend = Literal["cpu-kernel", "cuda-kernel", "reference"]
 
@@ -45,6 +62,7 @@ def residual_context(
     temper_delta: bool = False,
     strategy: str = "entropy",
     alpha_scale: float = 1.0,
+    residual_top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual input embeddings for the positions that stay masked.
 
@@ -56,6 +74,12 @@ def residual_context(
         temper_delta: use softmax(z / t_res) for delta instead of softmax(z).
         strategy: "entropy" (alpha = H / log V), "confidence" (1 - H / log V) or "fixed".
         alpha_scale: multiplies alpha for every strategy (the alpha itself for "fixed").
+        residual_top_k: None (default): the exact fused op. An int k >= 1: delta from the k
+            largest logits' rows, p_j E_j with the exact full-vocabulary p, plus the rest of
+            the mass times the mean of the other rows (a uniform tail; see
+            `residual_context_top_k_reference`); alpha stays exact. Reads k rows of E per
+            position instead of all V (plus the table's mean row, once per table). k >= V is
+            the exact op.
 
     Returns:
         embeds [N, D] in embed_weight's dtype, alpha [N] float32.
@@ -65,12 +89,204 @@ def residual_context(
     logits are all -inf.
     """
     check_residual_context_args(logits, embed_weight, mask_embed, t_res, strategy, alpha_scale)
+    if residual_top_k is not None:
+        top_k = check_residual_top_k(residual_top_k)
+        if top_k < logits.shape[1]:
+            return _residual_context_top_k(logits, embed_weight, mask_embed, float(t_res),
+                                           bool(temper_delta), strategy, float(alpha_scale),
+                                           top_k)
     args = (logits.detach(), embed_weight.detach(), mask_embed.detach(),
             float(t_res), bool(temper_delta), strategy, float(alpha_scale))
     if backend(logits.device) == "reference":
         check_logit_values(args[0])
         return residual_context_reference(*args)
     return torch.ops.rcd_ext.residual_context(*args)
+
+
+# ---- the top-k (sparse) residual -----------------------------------------------------------------
+
+# values per intermediate [rows, V] (statistics) or [rows, k, D] (gathered rows) tensor
+TOP_K_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 22}
+TABLE_MEAN_CACHE_SIZE = 8
+# key -> (weakref to the table's storage, its version counter, mean row [D] float32)
+_table_means: OrderedDict[tuple, tuple[weakref.ref, int, torch.Tensor]] = OrderedDict()
+
+
+def check_residual_top_k(residual_top_k: object) -> int:
+    """The top-k size as an int; TypeError / ValueError unless it is an integer >= 1."""
+    if isinstance(residual_top_k, bool) or not isinstance(residual_top_k, numbers.Integral):
+        raise TypeError(f"residual_top_k must be an int >= 1 (or None for the exact residual), "
+                        f"got {residual_top_k!r} of type {type(residual_top_k).__name__}")
+    if residual_top_k < 1:
+        raise ValueError(f"residual_top_k must be >= 1 (or None for the exact residual), "
+                         f"got {residual_top_k!r}")
+    return int(residual_top_k)
+
+
+def clear_table_mean_cache() -> None:
+    """Forget every cached mean row (for tables changed behind the version counter, e.g. through
+    `.data`)."""
+    _table_means.clear()
+
+
+def _chunk_elements(device: torch.device) -> int:
+    return TOP_K_CHUNK_ELEMENTS.get(device.type, TOP_K_CHUNK_ELEMENTS["cuda"])
+
+
+def table_mean(embed_weight: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Mean row of embed_weight[:vocab] as float32 [D] (summed in float64), cached.
+
+    The cache is keyed on the table's device, data_ptr, shape, strides, dtype and `vocab`, and an
+    entry is used only while the same storage is alive and the tensor's version counter (bumped
+    by every in-place change, through views too) is unchanged. Changes that bypass the counter
+    (`.data`, inference-mode tensors) are not seen: inference tensors are never cached; call
+    `clear_table_mean_cache()` after changing a table through `.data`.
+    """
+    table = embed_weight.detach()  # shares the version counter and the storage
+    try:
+        version = table._version
+    except RuntimeError:  # inference tensors track no version: recompute every call
+        version = None
+    storage = table.untyped_storage()
+    key = (table.device, table.data_ptr(), tuple(table.shape), table.stride(), table.dtype,
+           int(vocab))
+    entry = _table_means.get(key)
+    if entry is not None and version is not None and entry[0]() is storage \
+            and entry[1] == version:
+        _table_means.move_to_end(key)
+        return entry[2]
+    mean = _mean_row(table[:vocab])
+    if version is None:
+        warnings.warn("residual_top_k: the embedding table is an inference tensor (no version "
+                      "counter), so its mean row is recomputed on every call (a full table read)",
+                      stacklevel=3)
+        return mean
+    _table_means[key] = (weakref.ref(storage), version, mean)
+    _table_means.move_to_end(key)
+    while len(_table_means) > TABLE_MEAN_CACHE_SIZE:
+        _table_means.popitem(last=False)
+    return mean
+
+
+def _mean_row(rows: torch.Tensor) -> torch.Tensor:
+    """float32 [D] mean of rows [V, D], summed in float64 a chunk at a time (a full table read)."""
+    total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+    step = max(1, _chunk_elements(rows.device) // max(1, rows.shape[1]))
+    for chunk in rows.split(step):
+        total += chunk.to(torch.float64).sum(0)
+    return (total / rows.shape[0]).float()
+
+
+def _top_k_columns(z: torch.Tensor, k: int) -> torch.Tensor:
+    """[rows, k] columns of the k largest values of z [rows, V] (no NaN); among equal values at
+    the boundary the lower column wins, so the set does not depend on topk's tie order."""
+    values, columns = z.topk(k, dim=1)
+    threshold = values[:, -1:]
+    tied = (z >= threshold).sum(-1) > k  # rows where equal values straddle the k-th place
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        zt, tt = z[rows], threshold[rows]
+        chosen = zt > tt
+        room = k - chosen.sum(-1)
+        # the tied entries in row-major order; each row keeps its first `room` of them
+        tied_row, tied_column = (zt == tt).nonzero(as_tuple=True)
+        counts = torch.bincount(tied_row, minlength=rows.numel())
+        first = counts.cumsum(0) - counts
+        rank = torch.arange(tied_row.numel(), device=z.device) - first[tied_row]
+        keep = rank < room[tied_row]
+        chosen[tied_row[keep], tied_column[keep]] = True
+        columns[rows] = chosen.nonzero()[:, 1].view(-1, k)
+    return columns
+
+
+def _check_row_maxima(row_max: torch.Tensor) -> None:
+    """Refuse bad rows from the row maxima alone (one pass over the logits): max propagates NaN,
+    is +inf with a +inf entry and -inf only for an all -inf row. Like the kernels' statistics
+    pass, the first bad row is reported, and NaN before +inf within a row."""
+    bad = ~torch.isfinite(row_max)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        value = float(row_max[row])
+        what = ("contains NaN" if math.isnan(value) else "contains +inf" if value > 0
+                else "has no finite logit (every entry is -inf)")
+        raise ValueError(f"logits row {row} {what}")
+
+
+def _residual_context_top_k(logits: torch.Tensor, embed_weight: torch.Tensor,
+                            mask_embed: torch.Tensor, t_res: float, temper_delta: bool,
+                            strategy: str, alpha_scale: float, k: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse residual in plain torch, a chunk of rows at a time.
+
+    Per chunk: the top k of the logits (in their own dtype: exact), then float32 exp((z - m) / T)
+    once, whose sum and sum of e log e give the entropy and whose top-k entries give p; then the
+    k rows of E per position, upcast to float32, in one batched product. Everything is summed in
+    float32; the result is rounded to the table's dtype once.
+    """
+    logits, table = logits.detach(), embed_weight.detach()
+    n, vocab = logits.shape
+    dim, device = table.shape[1], logits.device
+    embeds = torch.empty((n, dim), dtype=table.dtype, device=device)
+    alpha = torch.empty((n,), dtype=torch.float32, device=device)
+    if n == 0:
+        return embeds, alpha
+    row_max = logits.amax(-1)  # exact in the logits' dtype
+    _check_row_maxima(row_max)
+    row_max = row_max.float()[:, None]
+    mask = mask_embed.detach().float()
+    # the tail's mean row is (V * Ebar - sum of the k chosen rows) / (V - k)
+    table_sum = table_mean(table, vocab) * vocab
+    budget = _chunk_elements(device)
+    rows_per_chunk = max(1, budget // vocab)
+    rows_per_gather = max(1, budget // (k * dim))
+    log_vocab = math.log(vocab)
+    finite_floor = torch.finfo(torch.float32).min
+
+    def shifted_logits(z: torch.Tensor, m: torch.Tensor, temperature: float) -> torch.Tensor:
+        """(z - m) / temperature in float32, m the row maximum (entries <= 0)."""
+        shifted = torch.sub(z, m)  # float32: z is promoted
+        return shifted.div_(temperature) if temperature != 1.0 else shifted
+
+    for start in range(0, n, rows_per_chunk):
+        z = logits[start:start + rows_per_chunk]
+        m = row_max[start:start + rows_per_chunk]
+        columns = _top_k_columns(z, k)
+        p_top = None
+        if strategy == "fixed":
+            chunk_alpha = torch.full((z.shape[0],), alpha_scale, dtype=torch.float32,
+                                     device=device)
+        else:
+            shifted = shifted_logits(z, m, t_res)
+            weights = shifted.exp()
+            total = weights.sum(-1)
+            if temper_delta or t_res == 1.0:  # delta's distribution is the one just normalised
+                p_top = weights.gather(1, columns) / total[:, None]
+            # H = log S - sum(e d) / S with d = s - max s, e = exp(d), S = sum e; a -inf logit
+            # has e = 0 and must add 0, not 0 * -inf (elementwise: no TF32 matmul here)
+            weighted = weights.mul_(shifted.clamp_(min=finite_floor)).sum(-1)
+            del shifted, weights
+            entropy = total.log() - weighted / total
+            normalized = entropy.clamp(0.0, log_vocab) / log_vocab
+            chunk_alpha = alpha_scale * (normalized if strategy == "entropy" else 1 - normalized)
+        if p_top is None:
+            weights = shifted_logits(z, m, t_res if temper_delta else 1.0).exp_()
+            p_top = weights.gather(1, columns) / weights.sum(-1, keepdim=True)
+            del weights
+        # tail mass 1 - P_k, spread uniformly over the rows outside the top k
+        tail_mass = (1.0 - p_top.sum(-1, keepdim=True)).clamp_(min=0.0)
+        for sub in range(0, z.shape[0], rows_per_gather):
+            p_sub = p_top[sub:sub + rows_per_gather]
+            rows = table.index_select(0, columns[sub:sub + rows_per_gather].reshape(-1))
+            rows = rows.view(p_sub.shape[0], k, dim).float()
+            weight = torch.stack([p_sub, torch.ones_like(p_sub)], 1)  # [r, 2, k]
+            head, picked = torch.bmm(weight, rows).unbind(1)  # p-weighted sum, plain sum
+            tail_mean = (table_sum - picked) / (vocab - k)
+            delta = head + tail_mass[sub:sub + rows_per_gather] * tail_mean
+            a = chunk_alpha[sub:sub + rows_per_gather, None]
+            out = start + sub
+            embeds[out:out + p_sub.shape[0]] = ((1.0 - a) * mask + a * delta).to(table.dtype)
+        alpha[start:start + z.shape[0]] = chunk_alpha
+    return embeds, alpha
 
 
 if _extension.cpu_loaded:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rcd_ext.ops import STRATEGIES, residual_context
+from rcd_ext.ops import STRATEGIES, check_residual_top_k, residual_context
 
 INIT_STRATEGIES = ("cold", "reference", "self", "dirichlet")
 SCOPES = ("block", "all")
@@ -43,6 +43,10 @@ class ResidualConfig:
     scope: "block" injects only inside the block being decoded (positions of later blocks keep
         plain [M]: the same inputs in every cache mode, and N rows of work per step instead of
         the whole tail); "all" injects at every masked position that has logits.
+    residual_top_k: None (default) for the exact residual; k >= 1 takes delta from the k most
+        likely tokens' embedding rows plus the tail's mass spread uniformly over the other rows
+        (alpha stays exact): k rows of the table read per position instead of all V
+        (`rcd_ext.ops.residual_context`).
     """
 
     t_res: float = 1.0
@@ -52,6 +56,7 @@ class ResidualConfig:
     init: str = "cold"
     dirichlet_concentration: float = 1.0
     scope: str = "block"
+    residual_top_k: int | None = None
 
     def __post_init__(self) -> None:
         if self.init not in INIT_STRATEGIES:
@@ -68,6 +73,8 @@ class ResidualConfig:
             raise ValueError(
                 f"dirichlet_concentration must be > 0, got {self.dirichlet_concentration!r}"
             )
+        if self.residual_top_k is not None:
+            check_residual_top_k(self.residual_top_k)
 
 
 def dirichlet_logits(
@@ -322,7 +329,7 @@ class ResidualState:
         embeds, alpha = residual_context(
             logits[:, :vocab], self.embed_weight, self.mask_embed,
             t_res=cfg.t_res, temper_delta=cfg.temper_delta, strategy=cfg.strategy,
-            alpha_scale=cfg.alpha_scale,
+            alpha_scale=cfg.alpha_scale, residual_top_k=cfg.residual_top_k,
         )
         slots = self.slot[batch_index, positions]
         new = slots < 0

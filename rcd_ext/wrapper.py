@@ -384,6 +384,7 @@ def wrap(
     init: str = "cold",
     scope: str = "block",
     dirichlet_concentration: float = 1.0,
+    residual_top_k: int | None = None,
     seed: int | None = None,
     enabled: bool = True,
     injection: str = "inputs_embeds",
@@ -401,7 +402,8 @@ def wrap(
     """
     config = ResidualConfig(t_res=t_res, temper_delta=temper_delta, strategy=strategy,
                             alpha_scale=alpha_scale, init=init, scope=scope,
-                            dirichlet_concentration=dirichlet_concentration)
+                            dirichlet_concentration=dirichlet_concentration,
+                            residual_top_k=residual_top_k)
     generator = None
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)

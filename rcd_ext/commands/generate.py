@@ -55,6 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                           default="entropy")
     residual.add_argument("--alpha-scale", type=float, default=1.0)
     residual.add_argument("--scope", choices=("block", "all"), default="block")
+    residual.add_argument("--residual-top-k", type=int, default=None, metavar="K",
+                          help="sparse residual: delta from the K most likely tokens' rows "
+                               "(+ the tail's mass on the mean of the others); default exact")
     loading = parser.add_argument_group("loading")
     loading.add_argument("--trust-remote-code", action="store_true",
                          help="run the checkpoint's own modelling code (LLaDA, Dream, SDAR)")
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
             ref_tokenizer=ref_tokenizer, init=init, t_res=args.t_res,
             temper_delta=args.temper_delta, strategy=args.strategy,
             alpha_scale=args.alpha_scale, scope=args.scope,
-            stop_at_eos=not args.no_stop_at_eos, seed=args.seed, mask_id=args.mask_id,
+            residual_top_k=args.residual_top_k, stop_at_eos=not args.no_stop_at_eos,
+            seed=args.seed, mask_id=args.mask_id,
             chat_template=args.chat_template, trace=want_trace, progress=not args.quiet,
             adapter=adapter,
         )

@@ -211,6 +211,7 @@ def generate(
     alpha_scale: float = 1.0,
     scope: str = "block",
     dirichlet_concentration: float = 1.0,
+    residual_top_k: int | None = None,
     stop_at_eos: bool = True,
     seed: int | None = None,
     mask_id: int | None = None,
@@ -238,7 +239,8 @@ def generate(
         cache: semi-AR loop only: "none", "prefix" or "dual" (block-diffusion models always
             use their KV cache).
         rcd, ref_model, init, t_res, temper_delta, strategy, alpha_scale, scope,
-            dirichlet_concentration: residual options (`rcd_ext.residual.ResidualConfig`).
+            dirichlet_concentration, residual_top_k: residual options
+            (`rcd_ext.residual.ResidualConfig`; residual_top_k=k: the sparse top-k residual).
         stop_at_eos: stop after the block in which every row has produced EOS; tokens after a
             row's first EOS become EOS.
         seed: seeds sampling and the Dirichlet init.
@@ -330,7 +332,8 @@ def generate(
     if rcd:
         config = ResidualConfig(t_res=t_res, temper_delta=temper_delta, strategy=strategy,
                                 alpha_scale=alpha_scale, init=init, scope=scope,
-                                dirichlet_concentration=dirichlet_concentration)
+                                dirichlet_concentration=dirichlet_concentration,
+                                residual_top_k=residual_top_k)
         dirichlet_generator = None if seed is None else torch.Generator().manual_seed(seed + 1)
         wrapper = RCDModel(target, ref_model=ref_target, config=config, adapter=adapter,
                            ref_adapter=ref_adapter, tokenizer=tokenizer,

@@ -26,7 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--model", required=True, help="target dLLM: local path or hub name")
     parser.add_argument("--ref-model", help="frozen reference model (for --init reference)")
     parser.add_argument("--prompt", action="append", default=[],
-                        help="prompt text (repeat for a batch of equal-length prompts)")
+                        help="prompt text (repeat for a batch; prompts of different lengths "
+                             "are left-padded where the model supports it)")
     parser.add_argument("--prompt-file", help="file with one prompt per line")
     parser.add_argument("--seqd", action="store_true", help="plain decoding, residuals off")
     parser.add_argument("--chat-template", action="store_true",

@@ -38,9 +38,8 @@ What the patch does, per `run`:
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -72,7 +71,6 @@ class D2FVLLMPatch(SamplerPatch):
     hook: EmbeddingHookRCD | None = None
     slots: SequenceSlots | None = None
     shift_logits: bool = False
-    _sequences: dict[Any, weakref.ref] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -159,26 +157,16 @@ def flat_layout(seqs: Sequence[Any], rows: Sequence[int], input_ids: torch.Tenso
                       torch.tensor(slot_rows, dtype=torch.long).to(device), first.to(device))
 
 
-def _release(patch: D2FVLLMPatch, seq_id: Any) -> None:
-    patch._sequences.pop(seq_id, None)
-    row = patch.slots.release(seq_id)
-    if row is not None:
-        patch.hook.release([row])
-
-
 def _admit(patch: D2FVLLMPatch, seqs: Sequence[Any], is_prefill: bool) -> list[int]:
     """Free the slots of requests gone since the last step; returns the rows of `seqs`."""
-    for seq_id, ref in list(patch._sequences.items()):
-        seq = ref()
-        if seq is None or seq.is_finished:
-            _release(patch, seq_id)
+    freed = patch.slots.release_finished()
     if is_prefill:
         # a prefill (re)starts a request: a preempted one comes back through here
-        for seq in seqs:
-            _release(patch, seq.seq_id)
-    for seq in seqs:
-        patch._sequences[seq.seq_id] = weakref.ref(seq)
-    return patch.slots.rows_for([seq.seq_id for seq in seqs])
+        freed += [row for row in (patch.slots.release(seq.seq_id) for seq in seqs)
+                  if row is not None]
+    if freed:
+        patch.hook.release(freed)
+    return patch.slots.track(seqs)
 
 
 def _wrap_run(method: Callable[..., Any], patch: D2FVLLMPatch,

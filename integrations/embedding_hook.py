@@ -12,6 +12,8 @@ and their order in a batch changes, while residuals must stay with their request
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -182,17 +184,23 @@ def refuse_unhookable_runner(runner: Any, embedding: nn.Module | None = None, *,
 
 
 class SequenceSlots:
-    """Stable residual-state rows for engine request ids.
+    """Stable residual-state rows for engine requests.
 
-    `rows_for(ids)` gives each id the row it already has or the lowest free one; `release(id)`
-    frees it. Rows are reused, so the adapter must `EmbeddingHookRCD.release` a freed row
-    before a new request can take it (`release` returns it for that).
+    `rows_for(ids)` gives each request id the row it already has or the lowest free one;
+    `release(id)` frees it. Rows are reused, so the adapter must `EmbeddingHookRCD.release` a
+    freed row before a new request can take it (`release` returns it for that).
+    `track(seqs)` does `rows_for` for an engine's sequence objects (`seq.seq_id`) and remembers
+    each by weak reference; `release_finished()` then frees the rows of those that report
+    `is_finished` or that the engine dropped (garbage-collected) — engines mark a request
+    finished after the step that finished it, so this runs at the start of the next step,
+    before any new request can take the row.
     """
 
     def __init__(self) -> None:
         self.active: dict[Any, int] = {}
         self._free: list[int] = []
         self._next = 0
+        self._tracked: dict[Any, Callable[[], Any]] = {}
 
     def rows_for(self, request_ids: list[Any]) -> list[int]:
         """The row of each request id (new ids get a free row)."""
@@ -211,15 +219,26 @@ class SequenceSlots:
 
     def release(self, request_id: Any) -> int | None:
         """Free the row of `request_id`; returns it (None for an unknown id)."""
+        self._tracked.pop(request_id, None)
         row = self.active.pop(request_id, None)
         if row is not None:
             self._free.append(row)
         return row
 
-    def release_missing(self, request_ids: list[Any]) -> list[int]:
-        """Free the rows of every active id not in `request_ids` (requests that left without
-        the adapter seeing them finish); returns the freed rows."""
-        keep = set(request_ids)
-        gone = [request_id for request_id in self.active if request_id not in keep]
-        return [row for row in (self.release(request_id) for request_id in gone)
-                if row is not None]
+    def track(self, seqs: Sequence[Any]) -> list[int]:
+        """The rows of engine sequences (keyed by `seq.seq_id`), remembered for
+        `release_finished`."""
+        for seq in seqs:
+            if seq.seq_id not in self._tracked:
+                try:
+                    self._tracked[seq.seq_id] = weakref.ref(seq)
+                except TypeError:  # no weak references: held until it reports finished
+                    self._tracked[seq.seq_id] = (lambda kept=seq: kept)
+        return self.rows_for([seq.seq_id for seq in seqs])
+
+    def release_finished(self) -> list[int]:
+        """Free the rows of tracked sequences that finished (`is_finished`) or were dropped;
+        returns the freed rows."""
+        gone = [seq_id for seq_id, reference in self._tracked.items()
+                if (seq := reference()) is None or bool(getattr(seq, "is_finished", False))]
+        return [row for row in (self.release(seq_id) for seq_id in gone) if row is not None]

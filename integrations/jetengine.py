@@ -30,7 +30,6 @@ per request, so nothing is announced there. Init: cold (the paper's SDAR setting
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,7 +104,6 @@ class JetEnginePatch(SamplerPatch):
     mask_id: int = -1
     slots: SequenceSlots = field(default_factory=SequenceSlots)
     _embedding: nn.Module | None = field(default=None, repr=False)
-    _sequences: dict[Any, Callable[[], Any]] = field(default_factory=dict, repr=False)
     _rows: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -118,7 +116,6 @@ class JetEnginePatch(SamplerPatch):
         self.last_hook = EmbeddingHookRCD(embedding, self.mask_id, self.options)
         self._embedding = embedding
         self.slots = SequenceSlots()
-        self._sequences.clear()
 
     def _follow_model(self) -> None:
         # `reinit_model` / `reload_from_hf_model` build a new model: residuals of the old table
@@ -140,17 +137,7 @@ class JetEnginePatch(SamplerPatch):
         # residuals. Not a scheduler hook: `reload_from_hf_model` replaces LLMEngine.scheduler
         # and `postprocess_loop` returns nothing. Weak references also free the row of a
         # request the engine dropped without finishing (a replaced scheduler).
-        gone = []
-        for seq_id, reference in self._sequences.items():
-            seq = reference()
-            if seq is None or bool(getattr(seq, "is_finished", False)):
-                gone.append(seq_id)
-        rows = []
-        for seq_id in gone:
-            del self._sequences[seq_id]
-            row = self.slots.release(seq_id)
-            if row is not None:
-                rows.append(row)
+        rows = self.slots.release_finished()
         if rows and self.last_hook is not None:
             with torch.inference_mode():
                 self.last_hook.release(rows)
@@ -158,14 +145,7 @@ class JetEnginePatch(SamplerPatch):
 
     def _rows_of(self, seqs: Sequence[Any]) -> torch.Tensor:
         """[N] long: the residual row of every token of a DENOISE batch (request-major)."""
-        ids = [seq.seq_id for seq in seqs]
-        for seq in seqs:
-            if seq.seq_id not in self._sequences:
-                try:
-                    self._sequences[seq.seq_id] = weakref.ref(seq)
-                except TypeError:  # no weak references: hold it until it reports finished
-                    self._sequences[seq.seq_id] = (lambda kept=seq: kept)
-        rows = torch.tensor(self.slots.rows_for(ids), dtype=torch.long)
+        rows = torch.tensor(self.slots.track(seqs), dtype=torch.long)
         lengths = torch.tensor([int(seq.intermediate_block_tokens.numel()) for seq in seqs])
         return rows.repeat_interleave(lengths)
 
@@ -260,7 +240,6 @@ def patch_jetengine(target: Any, *, rcd: bool = True, mask_id: int | None = None
         runner.__dict__.pop(_PATCH_ATTRIBUTE, None)
         if patch.last_hook is not None:
             patch.last_hook.remove()
-        patch._sequences.clear()
         patch.slots = SequenceSlots()
 
     patch._restore.append(restore)

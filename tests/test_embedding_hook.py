@@ -115,7 +115,7 @@ def test_released_rows_forget_their_residuals_and_slots_are_reused():
     out = embedding(ids)
     assert torch.equal(out[2], table[MASK])
     assert not torch.equal(out[0], table[MASK]) and not torch.equal(out[1], table[MASK])
-    assert sorted(slots.release_missing(["d"])) == [0, 2]
+    assert sorted([slots.release("a"), slots.release("c")]) == [0, 2]
     assert slots.active == {"d": 1}
 
 
@@ -167,3 +167,19 @@ def test_serving_runner_checks_name_the_setting_and_the_engines_fix():
     assert input_embedding(model) is model.get_input_embeddings()
     with pytest.raises(TypeError, match="model.embed_tokens nor get_input_embeddings"):
         input_embedding(torch.nn.Linear(2, 2))
+
+
+def test_tracked_sequences_free_their_rows_when_finished_or_dropped():
+    class Seq:
+        def __init__(self, seq_id):
+            self.seq_id, self.is_finished = seq_id, False
+
+    slots = SequenceSlots()
+    a, b, c = Seq("a"), Seq("b"), Seq("c")
+    assert slots.track([a, b, c]) == [0, 1, 2]
+    assert slots.release_finished() == []  # all still running
+    b.is_finished = True
+    del c  # the engine dropped it without finishing
+    assert sorted(slots.release_finished()) == [1, 2]
+    assert slots.active == {"a": 0}
+    assert slots.track([Seq("d"), a]) == [1, 0]  # freed rows are reused; a keeps its own

@@ -64,19 +64,19 @@ def check_residual_context_args(
         raise ValueError(f"alpha_scale must be in [0, 1], got {alpha_scale!r}")
 
 
-def check_logit_values(logits: torch.Tensor) -> None:
-    """Refuse NaN, +inf and all -inf rows (the kernels report the same conditions)."""
+def check_logit_values(logits: torch.Tensor) -> torch.Tensor:
+    """Refuse NaN, +inf and all -inf rows as the kernels do: the first bad row is reported
+    (NaN before +inf within a row). Returns the row maxima [N] (logits' dtype), from which
+    all three are read in one pass: max propagates NaN, is +inf with a +inf entry and -inf
+    only for an all -inf row."""
     if logits.numel() == 0:
-        return
-    nan_rows = torch.isnan(logits).any(-1)
-    if nan_rows.any():
-        row = int(nan_rows.nonzero()[0, 0])
-        raise ValueError(f"logits row {row} contains NaN")
-    posinf_rows = torch.isposinf(logits).any(-1)
-    if posinf_rows.any():
-        row = int(posinf_rows.nonzero()[0, 0])
-        raise ValueError(f"logits row {row} contains +inf")
-    dead_rows = torch.isneginf(logits).all(-1)
-    if dead_rows.any():
-        row = int(dead_rows.nonzero()[0, 0])
-        raise ValueError(f"logits row {row} has no finite logit (every entry is -inf)")
+        return logits.new_empty(logits.shape[:1])
+    row_max = logits.amax(-1)
+    bad = ~torch.isfinite(row_max)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        value = float(row_max[row])
+        what = ("contains NaN" if math.isnan(value) else "contains +inf" if value > 0
+                else "has no finite logit (every entry is -inf)")
+        raise ValueError(f"logits row {row} {what}")
+    return row_max

@@ -199,19 +199,6 @@ def _top_k_columns(z: torch.Tensor, k: int) -> torch.Tensor:
     return columns
 
 
-def _check_row_maxima(row_max: torch.Tensor) -> None:
-    """Refuse bad rows from the row maxima alone (one pass over the logits): max propagates NaN,
-    is +inf with a +inf entry and -inf only for an all -inf row. Like the kernels' statistics
-    pass, the first bad row is reported, and NaN before +inf within a row."""
-    bad = ~torch.isfinite(row_max)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        value = float(row_max[row])
-        what = ("contains NaN" if math.isnan(value) else "contains +inf" if value > 0
-                else "has no finite logit (every entry is -inf)")
-        raise ValueError(f"logits row {row} {what}")
-
-
 def _residual_context_top_k(logits: torch.Tensor, embed_weight: torch.Tensor,
                             mask_embed: torch.Tensor, t_res: float, temper_delta: bool,
                             strategy: str, alpha_scale: float, k: int
@@ -230,9 +217,7 @@ def _residual_context_top_k(logits: torch.Tensor, embed_weight: torch.Tensor,
     alpha = torch.empty((n,), dtype=torch.float32, device=device)
     if n == 0:
         return embeds, alpha
-    row_max = logits.amax(-1)  # exact in the logits' dtype
-    _check_row_maxima(row_max)
-    row_max = row_max.float()[:, None]
+    row_max = check_logit_values(logits).float()[:, None]  # exact in the logits' dtype
     mask = mask_embed.detach().float()
     # the tail's mean row is (V * Ebar - sum of the k chosen rows) / (V - k)
     table_sum = table_mean(table, vocab) * vocab

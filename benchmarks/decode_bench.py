@@ -13,7 +13,6 @@ Writes benchmarks/results/decode_<device>.json (with the command that produced i
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import statistics
@@ -25,6 +24,7 @@ import torch
 
 import rcd_ext.residual as residual_module
 from rcd_ext import ops
+from rcd_ext.atomic_files import save_figure_atomic, write_json_atomic
 from rcd_ext.decoding.generation import generate
 from rcd_ext.models import TinyDLLMConfig, TinyDLLMModel
 
@@ -152,7 +152,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = "cpu" if args.device == "cpu" else "cuda"
     out = Path(args.out) if args.out else RESULTS / f"decode_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1))
+    write_json_atomic(out, summary, indent=1)
     plot(records, out.with_suffix(".png"),
          f"RCD vs SeqD decode, tiny dLLM d={args.hidden} L={args.layers} V={args.vocab} "
          f"({device_name})")

@@ -17,7 +17,6 @@ Writes benchmarks/results/engine_<preset>_<device>.json (with the command line).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from rcd_ext.atomic_files import write_json_atomic
 
 PRESETS = {
     # 2 layers with LLaDA-8B's vocabulary: runs on a CPU, dominated by the LM head
@@ -139,7 +140,7 @@ def main() -> None:
     out = Path(args.out or Path(__file__).parent / "results" /
                f"engine_{args.preset}_{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(out, record)
     print(f"wrote {out}")
 
 

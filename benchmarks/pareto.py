@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from rcd_ext.atomic_files import save_figure_atomic, write_json_atomic
+
 RESULTS = Path(__file__).parent / "results"
 # name -> (stage, residual source, no-residual fraction)
 VARIANTS: dict[str, tuple[str, str, float]] = {
@@ -181,7 +183,7 @@ def plot(records: list[dict], path: Path) -> None:
             axes[row, column].grid(alpha=0.3)
         axes[row, 0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure_atomic(figure, path, dpi=110)
 
 
 def main() -> None:
@@ -211,8 +213,8 @@ def main() -> None:
                                                       for t in p["config"]["tasks"]],
                       "tag": args.tag, "command": [p["config"].get("command") for p in parts]
                       + ["python " + " ".join(sys.argv)]}
-            out.write_text(json.dumps({"config": config, "records": [
-                r for p in parts for r in p["records"]]}, indent=1))
+            write_json_atomic(out, {"config": config, "records": [
+                r for p in parts for r in p["records"]]}, indent=1)
         data = json.loads(out.read_text())
         plot(data["records"], out.with_suffix(".png"))
         print(markdown_table(data["records"], data["config"]["steps"],
@@ -229,7 +231,8 @@ def main() -> None:
         for task in args.tasks:
             for seed in args.seeds:
                 records += run_one(task, seed, args, Path(work))
-                out.write_text(json.dumps({"config": config, "records": records}, indent=1))
+                # after every seed, whole: a kill mid-write must not lose the earlier seeds
+                write_json_atomic(out, {"config": config, "records": records}, indent=1)
     plot(records, out.with_suffix(".png"))
     print(markdown_table(records, args.steps, args.thresholds))
     print(paired_lines(records, args.steps))

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from rcd_ext.atomic_files import save_figure_atomic, write_json_atomic
+
 RESULTS = Path(__file__).parent / "results"
 CACHES = ("none", "prefix", "dual")
 # method -> (model, rcd, scope, init)
@@ -149,7 +151,7 @@ def plot(records: list[dict], path: Path) -> None:
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.suptitle("Dual cache: later blocks fed [M] (mask) or stale residuals (residual)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def main() -> None:
@@ -195,7 +197,8 @@ def main() -> None:
                 records += decode_all(models, task, test, task_name=task_name, seed=seed,
                                       block_lengths=args.block_lengths,
                                       steps_per_block=args.steps_per_block)
-                out.write_text(json.dumps({"config": config, "records": records}, indent=1))
+                # after every seed, whole: a kill mid-write must not lose the earlier seeds
+                write_json_atomic(out, {"config": config, "records": records}, indent=1)
                 print(f"{task_name} seed {seed}: {time.perf_counter() - began:.0f}s", flush=True)
     plot(records, out.with_suffix(".png"))
     print(report(records))

@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -73,8 +74,11 @@ inline ResidualParams check_and_make_params(const at::Tensor& logits,
   TORCH_CHECK_VALUE(vocab <= embed_weight.size(0), "logits have V=", vocab,
                     " columns but embed_weight has only ", embed_weight.size(0),
                     " rows: every logit column needs an embedding row");
-  TORCH_CHECK_VALUE(t_res > 0 && std::isfinite(t_res), "t_res must be a finite number > 0, got ",
-                    t_res);
+  // The kernels multiply by 1 / t_res in float32: it must be finite there, not only in double.
+  TORCH_CHECK_VALUE(t_res > 0 && std::isfinite(t_res) &&
+                        std::isfinite(static_cast<float>(1.0 / t_res)),
+                    "t_res must be a finite number >= 2.94e-39 (1 / t_res must be a finite "
+                    "float32), got ", t_res);
   TORCH_CHECK_VALUE(alpha_scale >= 0 && alpha_scale <= 1, "alpha_scale must be in [0, 1], got ",
                     alpha_scale);
   return ResidualParams{static_cast<float>(1.0 / t_res), temper_delta, parse_strategy(strategy),
@@ -113,10 +117,13 @@ inline int64_t chunk_columns(int64_t rows, int64_t vocab, int64_t budget_element
 // Kernels provides, for one device:
 //   static constexpr int64_t kChunkBudgetElements;
 //   static void row_statistics(logits, params, row_max, row_log_norm, alpha, status);
-//   static at::Tensor status_to_cpu(status);
+//   static bool check_rows(status);     raises for the first bad row; false where it cannot look
+//                                       (CUDA graph capture): mix then turns bad rows into NaN
 //   static void chunk_probabilities(logits, row_max, row_log_norm, params, col0, probs);
 //   static void accumulate(acc, probs, embed_chunk);          acc += probs @ embed_chunk (fp32)
-//   static void mix(acc, alpha, mask_embed, out);              out = (1-a) m + a acc
+//   static void mix(acc, alpha, mask_embed, unchecked_status, out);   out = (1-a) m + a acc
+// Logits are read with their row stride (unit column stride required): the logits[:, :V] slice
+// of a model whose head is wider than its vocabulary is not copied.
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor> residual_context_driver(const at::Tensor& logits_in,
                                                           const at::Tensor& embed_weight,
@@ -134,13 +141,14 @@ std::tuple<at::Tensor, at::Tensor> residual_context_driver(const at::Tensor& log
   at::Tensor alpha = at::empty({rows}, f32);
   if (rows == 0) return {out, alpha};
 
-  const at::Tensor logits = logits_in.contiguous();
+  const bool rows_in_place = logits_in.stride(1) == 1 && logits_in.stride(0) >= vocab;
+  const at::Tensor logits = rows_in_place ? logits_in : logits_in.contiguous();
   const at::Tensor mask = mask_embed.contiguous();
   at::Tensor row_max = at::empty({rows}, f32);
   at::Tensor row_log_norm = at::empty({rows}, f32);
   at::Tensor status = at::empty({rows}, f32.dtype(at::kInt));
   Kernels::row_statistics(logits, params, row_max, row_log_norm, alpha, status);
-  raise_for_row_status(Kernels::status_to_cpu(status));
+  const bool rows_checked = Kernels::check_rows(status);
 
   at::Tensor acc = at::zeros({rows, dim}, f32);
   const int64_t cols = chunk_columns(rows, vocab, Kernels::kChunkBudgetElements);
@@ -151,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> residual_context_driver(const at::Tensor& log
     Kernels::chunk_probabilities(logits, row_max, row_log_norm, params, col0, probs);
     Kernels::accumulate(acc, probs, embed_weight.narrow(0, col0, width));
   }
-  Kernels::mix(acc, alpha, mask, out);
+  Kernels::mix(acc, alpha, mask, rows_checked ? nullptr : &status, out);
   return {out, alpha};
 }
 

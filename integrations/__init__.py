@@ -11,5 +11,7 @@ Modules (each imported on its own, so that none pulls in another engine's depend
 - `engine_patching`: the shared options and patch/undo machinery
 - `embedding_hook`: `EmbeddingHookRCD` and `SequenceSlots` for engines fed token ids only
 - `lm_eval_model`: the lm-eval models `rcd` and `seqd`, and the `rcd-lm-eval` entry point
-See docs/engines.md and docs/evaluation.md.
+- `sglang`: the SGLang dLLM algorithm `RCD` (`--dllm-algorithm RCD`) and its
+  `sglang.srt.plugins` entry point
+See docs/engines.md, docs/evaluation.md and docs/serving.md.
 """

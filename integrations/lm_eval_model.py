@@ -1,14 +1,17 @@
 """lm-evaluation-harness models `rcd` (RCD decoding) and `seqd` (the same, residuals off).
 
-    rcd-lm-eval --model rcd --model_args pretrained=PATH,gen_length=256,block_length=32 \\
+    lm_eval --model rcd --model_args pretrained=PATH,gen_length=256,block_length=32 \\
         --tasks gsm8k_cot --num_fewshot 5 --batch_size 4 --output_path results/
-    python -m rcd_ext.integrations.lm_eval_model ...   # the same
+    rcd-lm-eval ...                                     # the same, offline by default
+    python -m rcd_ext.integrations.lm_eval_model ...   # = rcd-lm-eval
 
-lm-eval 0.4.13 has no plugin discovery, so `cli_main` imports `lm_eval.models` (built-in models
-stay available), registers `rcd` and `seqd`, then runs lm-eval's own CLI on exactly the
-arguments given. It sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE to 1
-unless they are already set. Releases that read the `lm_eval.models` entry-point group find
-`RCDLM` / `SeqDLM` there.
+Plain `lm_eval` finds both names through the `rcd_ext_lm_eval.pth` startup hook
+(`rcd_ext_lm_eval_startup`: lazy registry entries, see its docstring); releases that read the
+`lm_eval.models` entry-point group find `RCDLM` / `SeqDLM` there too. `cli_main`
+(`rcd-lm-eval`) runs lm-eval's own CLI on exactly the arguments given, after setting
+HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE to 1 unless they are set, and
+prints a bad `--model_args` value as one line (exit code 2). `model_args` are checked and
+defaulted by `lm_eval_args.check_model_args` before anything loads.
 
 What each request type does:
 - `generate_until`: `rcd_ext.generate` on batches of up to `batch_size` prompts, cut at the
@@ -33,6 +36,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import lm_eval.models  # noqa: F401  built-in models first: the registry fills lazily when empty
@@ -41,7 +45,16 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
+
+from rcd_ext.integrations.lm_eval_args import (
+    CheckpointFacts,
+    ModelArgsError,
+    check_fits,
+    check_model_args,
+    print_model_args_errors_briefly,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,157 +187,107 @@ def _request_seed(seed: int, *parts: Sequence[int]) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off", "none", ""):
-            return False
-        raise ValueError(f"expected a boolean, got {value!r}")
-    return bool(value)
-
-
-def _optional(value: Any, cast: Callable[[Any], Any]) -> Any:
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
-        return None
-    return cast(value)
-
-
 # ---- the model ----------------------------------------------------------------------------------
-@register_model("rcd")
 class RCDLM(TemplateLM):
     """A diffusion LLM decoded with RCD (or plain SeqD with `rcd=False`) for lm-eval.
 
-    `--model_args` keys (all optional except `pretrained`):
+    `--model_args` keys (all optional except `pretrained`; checked by
+    `rcd_ext.integrations.lm_eval_args.check_model_args` before anything loads):
         pretrained: target dLLM path or hub name. tokenizer: tokenizer path (default pretrained).
         ref_model: frozen reference model (init defaults to "reference" when given).
         trust_remote_code (False), dtype ("auto" | bfloat16 | float16 | float32),
-        device (lm-eval's --device; default cuda:LOCAL_RANK when CUDA is there, else cpu).
-        gen_length: tokens generated per request (default: the task's max_gen_toks rounded up
-            to a multiple of block_length). block_length (32). steps: denoising steps for the
-            whole generation (default gen_length). remasking: fixed | threshold.
+        device (default cuda:LOCAL_RANK when CUDA is there, else cpu; a model_args value wins
+            over lm-eval's --device, whose default is cuda:0).
+        gen_length: tokens generated per request (default: the answer length of the synthetic
+            task in the checkpoint's rcd_training.json, else the task's max_gen_toks rounded up
+            to block_length, capped to the context). block_length (the model's own block, else
+            that answer length, else 32; at most half the context). steps: denoising steps for
+            the whole generation (default gen_length). remasking: fixed | threshold.
             threshold (0.9), temperature (default: the task's; 0 when it does not sample),
             top_p, top_k, cache: none | prefix | dual, stop_at_eos (True), seed (0), mask_id.
         rcd (True for `rcd`, False for `seqd`), init: cold | reference | self | dirichlet,
             t_res (1.0), temper_delta, strategy, alpha_scale, scope, dirichlet_concentration,
             residual_top_k (none: exact; k: the sparse top-k residual).
-        batch_size: prompts per generate call (lm-eval's --batch_size; "auto" means 1); they
-            may differ in length where the model takes left-padded batches (`pads_prompts`).
+        batch_size: prompts per generate call (lm-eval's --batch_size; "auto" means
+            max_batch_size or 1); they may differ in length where the model takes left-padded
+            batches (`pads_prompts`).
         mc_num (128), mc_batch_size (32): draws of the loglikelihood estimate and draws per
             forward; greedy_check (False): compute is_greedy by LLaDA's one-token-at-a-time
             greedy unmasking (L extra forwards per request).
         max_length: longest prompt + generation (default: the model's context); prompts are
-            cut from the left to fit. add_bos_token: force BOS on / off (default: tokenizer).
+            cut from the left to fit (with a warning). add_bos_token: force BOS on / off.
     """
 
+    MODEL_NAME = "rcd"
     RESIDUALS_DEFAULT = True
 
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        tokenizer: str | None = None,
-        ref_model: str | None = None,
-        trust_remote_code: bool | str = False,
-        dtype: str = "auto",
-        device: str | None = None,
-        batch_size: int | str | None = 1,
-        max_batch_size: int | None = None,
-        gen_length: int | str | None = None,
-        block_length: int | str = 32,
-        steps: int | str | None = None,
-        remasking: str = "fixed",
-        threshold: float | str = 0.9,
-        temperature: float | str | None = None,
-        top_p: float | str = 1.0,
-        top_k: int | str = 0,
-        cache: str = "none",
-        stop_at_eos: bool | str = True,
-        seed: int | str = 0,
-        mask_id: int | str | None = None,
-        rcd: bool | str | None = None,
-        init: str | None = None,
-        t_res: float | str = 1.0,
-        temper_delta: bool | str = False,
-        strategy: str = "entropy",
-        alpha_scale: float | str = 1.0,
-        scope: str = "block",
-        dirichlet_concentration: float | str = 1.0,
-        residual_top_k: int | str | None = None,
-        mc_num: int | str = 128,
-        mc_batch_size: int | str = 32,
-        greedy_check: bool | str = False,
-        max_length: int | str | None = None,
-        add_bos_token: bool | str | None = None,
-        **unused: Any,
-    ) -> None:
+    def __init__(self, **model_args: Any) -> None:
         super().__init__()
-        if pretrained is None:
-            raise ValueError("model_args needs pretrained=<path or hub name of the dLLM>")
-        if unused:
-            raise TypeError(f"unknown model_args for {type(self).__name__}: {sorted(unused)} "
-                            f"(see `help(rcd_ext.integrations.lm_eval_model.RCDLM)`)")
+        args = check_model_args(self.MODEL_NAME, model_args,
+                                residuals_default=self.RESIDUALS_DEFAULT)
         from rcd_ext.models.adapters import get_adapter, load_model
 
-        self._setup_distributed(device)
-        torch_dtype = DTYPES.get(str(dtype).lower(), "missing")
-        if torch_dtype == "missing":
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        trust = _as_bool(trust_remote_code)
-        model, loaded_tokenizer = load_model(pretrained, trust_remote_code=trust,
+        self._setup_distributed(args.device)
+        torch_dtype = DTYPES[args.dtype]
+        trust = args.trust_remote_code
+        model, loaded_tokenizer = load_model(args.pretrained, trust_remote_code=trust,
                                              torch_dtype=torch_dtype, device=self._device)
-        if tokenizer is not None:
+        if args.tokenizer is not None:
             from transformers import AutoTokenizer
 
-            loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer,
+            loaded_tokenizer = AutoTokenizer.from_pretrained(args.tokenizer,
                                                              trust_remote_code=trust)
         if loaded_tokenizer is None:
-            raise ValueError(f"no tokenizer found next to {pretrained!r}: pass "
-                             "tokenizer=<path> in model_args")
-        self.pretrained = pretrained
+            raise ModelArgsError(f"{self.MODEL_NAME} model_args: no tokenizer found next to "
+                                 f"pretrained={args.pretrained!r} (add tokenizer=<path>)")
+        self.pretrained = args.pretrained
         self.model = model
         self.tokenizer = loaded_tokenizer
-        self.adapter = get_adapter(model, loaded_tokenizer,
-                                   mask_id=_optional(mask_id, int))
+        self.adapter = get_adapter(model, loaded_tokenizer, mask_id=args.mask_id)
         self.ref_model = None
-        if ref_model is not None:
-            self.ref_model, _ = load_model(ref_model, trust_remote_code=trust,
+        if args.ref_model is not None:
+            self.ref_model, _ = load_model(args.ref_model, trust_remote_code=trust,
                                            torch_dtype=torch_dtype, device=self._device)
 
-        self.rcd = self.RESIDUALS_DEFAULT if rcd is None else _as_bool(rcd)
-        self.decoding: dict[str, Any] = {
-            "block_length": int(block_length),
-            "steps": _optional(steps, int),
-            "remasking": str(remasking),
-            "threshold": _optional(threshold, float),
-            "top_p": float(top_p),
-            "top_k": int(top_k),
-            "cache": str(cache),
-            "stop_at_eos": _as_bool(stop_at_eos),
-            "init": init if init is not None else ("reference" if ref_model else "cold"),
-            "t_res": float(t_res),
-            "temper_delta": _as_bool(temper_delta),
-            "strategy": str(strategy),
-            "alpha_scale": float(alpha_scale),
-            "scope": str(scope),
-            "dirichlet_concentration": float(dirichlet_concentration),
-            "residual_top_k": _optional(residual_top_k, int),
-        }
-        self.gen_length = _optional(gen_length, int)
-        self.temperature = _optional(temperature, float)
-        self.seed = int(seed)
-        if isinstance(batch_size, str) and batch_size.startswith("auto"):
-            logger.warning("batch_size=auto is not supported by %s; using %s",
-                           type(self).__name__, max_batch_size or 1)
-            batch_size = max_batch_size or 1
-        self.batch_size_per_gpu = int(batch_size or 1)
-        self.mc_num = int(mc_num)
-        self.mc_batch_size = int(mc_batch_size)
-        self.greedy_check = _as_bool(greedy_check)
-        self._max_length = _optional(max_length, int)
-        self.add_bos_token = None if add_bos_token is None else _as_bool(add_bos_token)
+        self.facts = args.facts
+        self.rcd = args.rcd
+        self.decoding: dict[str, Any] = dict(args.decoding)
+        self.gen_length = args.gen_length
+        self.temperature = args.temperature
+        self.seed = args.seed
+        self.batch_size_per_gpu = args.batch_size
+        self.mc_num = args.mc_num
+        self.mc_batch_size = args.mc_batch_size
+        self.greedy_check = args.greedy_check
+        self._max_length = args.max_length
+        self.add_bos_token = args.add_bos_token
+        if self.gen_length is not None:  # the loaded model's context may be known only now
+            check_fits(self.MODEL_NAME, self.gen_length, self.decoding["block_length"],
+                       self.max_length, self._facts_after_load())
         # summed DecodeStats of this process's generate calls (reported in get_model_info)
         self.decode_totals = {"sequences": 0, "tokens": 0, "sequence_steps": 0,
                               "forward_passes": 0, "reference_forwards": 0, "wall_time_s": 0.0}
+        self._capped_gen_lengths: set[int] = set()
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict[str, Any] | None = None) -> RCDLM:
+        """lm-eval's constructor path: model_args win over --batch_size / --device (lm-eval
+        passes --device cuda:0 even when it was not given, so `device=cpu` must override it)."""
+        extra = {key: value for key, value in (additional_config or {}).items()
+                 if value is not None and key not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict[str, Any] | None = None) -> RCDLM:
+        """As `create_from_arg_obj`, from "key=value,..." (lm-eval's parser)."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    def _facts_after_load(self) -> CheckpointFacts:
+        block_loop = self.adapter.loop == "block_diffusion"
+        return replace(self.facts,
+                       model_block=self.decoding["block_length"] if block_loop else None)
 
     # ---- distributed plumbing (lm-eval 0.4.13 evaluator calls these) ----------------------------
     def _setup_distributed(self, device: str | None) -> None:
@@ -450,27 +413,65 @@ class RCDLM(TemplateLM):
 
     def get_model_info(self) -> dict[str, Any]:
         """Added by lm-eval to the results JSON's `config` (after the run)."""
+        # lm-eval writes its own --device argument (default "cuda:0") as config.device whatever
+        # ran, so where decoding really ran goes under a key of its own
         return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
                 "model_dtype": str(next(self.model.parameters()).dtype),
+                "model_device": str(next(self.model.parameters()).device),
                 "rcd": self.rcd, "decoding": dict(self.decoding, gen_length=self.gen_length),
                 "decode_stats": self.decode_summary()}
 
     # ---- generate_until -------------------------------------------------------------------------
+    def _slack(self) -> int:
+        """Positions a block-diffusion loop may need past prompt + generation (block padding)."""
+        return self.decoding["block_length"] - 1 if self.adapter.loop == "block_diffusion" else 0
+
     def _generation_length(self, max_gen_toks: int) -> int:
+        """gen_length from model_args, else `max_gen_toks` rounded up to whole blocks and capped
+        so that the prompt keeps its training length (or half the context) (warned once)."""
         if self.gen_length is not None:
             return self.gen_length
         block = self.decoding["block_length"]
-        return -(-max_gen_toks // block) * block
+        wanted = -(-max_gen_toks // block) * block
+        if self.max_length is None:
+            return wanted
+        prompt = self.facts.prompt_length or self.max_length // 2
+        room = (self.max_length - self._slack() - prompt) // block * block
+        if wanted <= room:
+            return wanted
+        if room < block:
+            raise ModelArgsError(
+                f"{self.MODEL_NAME} model_args: block_length={block} leaves no room for a "
+                f"prompt in the model's context of {self.max_length} (give a smaller "
+                "block_length, or gen_length)")
+        if max_gen_toks not in self._capped_gen_lengths:
+            self._capped_gen_lengths.add(max_gen_toks)
+            logger.warning("%s: the task asks for max_gen_toks=%d but the model's context is %d "
+                           "tokens: generating %d (set gen_length in model_args to choose)",
+                           self.MODEL_NAME, max_gen_toks, self.max_length, room)
+        return room
 
     def _prompt_budget(self, gen_length: int) -> int | None:
+        """Longest prompt that fits with `gen_length` generated tokens (None: no known limit)."""
         if self.max_length is None:
             return None
-        slack = self.decoding["block_length"] - 1 if self.adapter.loop == "block_diffusion" else 0
-        budget = self.max_length - gen_length - slack
+        budget = self.max_length - gen_length - self._slack()
         if budget < 1:
-            raise ValueError(f"gen_length {gen_length} leaves no room for a prompt in the "
-                             f"model's context of {self.max_length} tokens")
+            check_fits(self.MODEL_NAME, gen_length, self.decoding["block_length"],
+                       self.max_length, replace(self._facts_after_load(), prompt_length=None))
         return budget
+
+    def _warn_cut_prompts(self, dropped: list[int], total: int, kind: str) -> None:
+        """One warning per call (= per lm-eval run and request type) for prompts cut from the
+        left to fit the context: how many, and how many tokens each lost."""
+        if not dropped:
+            return
+        logger.warning(
+            "%s: %d of %d %s prompts are longer than the model's context of %d tokens leaves "
+            "beside the generation: cut from the left, dropping %d to %d tokens each (few-shot "
+            "examples go first; lower --num_fewshot or gen_length to keep them whole)",
+            self.MODEL_NAME, len(dropped), total, kind, self.max_length, min(dropped),
+            max(dropped))
 
     def _finish_text(self, tokens: list[int], stops: Sequence[str]) -> str:
         eos = self.adapter.eos_id
@@ -497,6 +498,7 @@ class RCDLM(TemplateLM):
 
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         jobs = []
+        dropped: list[int] = []
         for index, request in enumerate(requests):
             context, gen_kwargs = request.args
             options = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
@@ -505,9 +507,14 @@ class RCDLM(TemplateLM):
             temperature = self.temperature
             if temperature is None:
                 temperature = float(options.get("temperature", 0.0) or 0.0)
-            ids = self.tok_encode(context, left_truncate_len=self._prompt_budget(gen_length))
+            ids = self.tok_encode(context)
+            budget = self._prompt_budget(gen_length)
+            if budget is not None and len(ids) > budget:
+                dropped.append(len(ids) - budget)
+                ids = ids[-budget:]
             key = (len(ids), gen_length, temperature)
             jobs.append((key, index, context, gen_kwargs, ids, stops))
+        self._warn_cut_prompts(dropped, len(requests), "generate_until")
         mixed = self.pads_prompts
         if mixed:
             # one run of jobs per setting, longest prompt first: lengths change only a little
@@ -576,19 +583,14 @@ class RCDLM(TemplateLM):
                 "implemented: their likelihood bound is per block with a clean prefix; use "
                 "generative tasks (generate_until)")
         results = []
-        budget = self.max_length
+        fitted, dropped = self._fit_to_context(requests)
+        self._warn_cut_prompts(dropped, len(requests), "loglikelihood")
         for strings, context, continuation in tqdm(
-                requests, disable=disable_tqdm or self.rank != 0,
+                fitted, disable=disable_tqdm or self.rank != 0,
                 desc="Running loglikelihood requests"):
             if not continuation:
                 results.append((0.0, True))
                 continue
-            if budget is not None and len(context) + len(continuation) > budget:
-                keep = budget - len(continuation)
-                if keep < 1:
-                    raise ValueError(f"a continuation of {len(continuation)} tokens does not fit "
-                                     f"the model's context of {budget} with any prompt")
-                context = context[-keep:]
             generator = torch.Generator().manual_seed(
                 _request_seed(self.seed, context, continuation))
             value = masked_diffusion_elbo(
@@ -600,6 +602,22 @@ class RCDLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood", strings, (value, greedy))
         return results
 
+    def _fit_to_context(self, requests: list[Any]) -> tuple[list[tuple], list[int]]:
+        """(strings, context, continuation) with each context cut from the left so that it and
+        its continuation fit the model's context; and the number of tokens each cut dropped."""
+        budget = self.max_length
+        fitted, dropped = [], []
+        for strings, context, continuation in requests:
+            if budget is not None and continuation and len(context) + len(continuation) > budget:
+                keep = budget - len(continuation)
+                if keep < 1:
+                    raise ValueError(f"a continuation of {len(continuation)} tokens does not fit "
+                                     f"the model's context of {budget} with any prompt")
+                dropped.append(len(context) - keep)
+                context = context[-keep:]
+            fitted.append((strings, context, continuation))
+        return fitted, dropped
+
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list:
         raise NotImplementedError(
             "loglikelihood_rolling (perplexity tasks such as wikitext) is not supported by the "
@@ -608,24 +626,39 @@ class RCDLM(TemplateLM):
             "(scored by the Monte-Carlo ELBO)")
 
 
-@register_model("seqd")
 class SeqDLM(RCDLM):
     """The SeqD baseline: `rcd` with residuals off (plain masked-diffusion decoding)."""
 
+    MODEL_NAME = "seqd"
     RESIDUALS_DEFAULT = False
 
 
 # ---- console script -----------------------------------------------------------------------------
-def cli_main(argv: Sequence[str] | None = None) -> None:
-    """`rcd-lm-eval`: lm-eval's own CLI with `rcd` and `seqd` registered (offline by default)."""
+def cli_main(argv: Sequence[str] | None = None, program: str = "rcd-lm-eval") -> None:
+    """`rcd-lm-eval`: lm-eval's own CLI with `rcd` and `seqd` registered (offline by default).
+
+    A bad `--model_args` value ends the run with its one-line message on stderr, exit code 2.
+    """
     for name in OFFLINE_VARIABLES:
         os.environ.setdefault(name, "1")
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ModelArgsError as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
-    cli_main()
+    # `python -m rcd_ext.integrations.lm_eval_model`: run the importable copy of this module, so
+    # that `rcd` / `seqd` are registered once, under the name the registry's lazy entries name
+    from rcd_ext.integrations.lm_eval_model import cli_main as importable_cli_main
+
+    importable_cli_main()
+else:
+    register_model("rcd")(RCDLM)
+    register_model("seqd")(SeqDLM)
+    print_model_args_errors_briefly()

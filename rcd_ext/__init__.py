@@ -1,17 +1,19 @@
 """rcd-ext: Residual Context Diffusion for diffusion LLMs.
 
-`rcd_ext.ops` (the fused op) loads eagerly; `generate` and `wrap` load on first use so that
-`import rcd_ext` (and `rcd --help`) does not import transformers. `import rcd_ext.models`
+`ops` (the fused op), `generate` and `wrap` load on first use, so that `import rcd_ext` (and
+`rcd --help`) imports neither torch nor transformers. `import rcd_ext.models`
 registers the built-in tiny dLLM with the transformers Auto classes.
 """
-
-from rcd_ext import ops
 
 __version__ = "0.1.0"
 __all__ = ["generate", "ops", "wrap", "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "ops":
+        import rcd_ext.ops
+
+        return rcd_ext.ops
     if name == "generate":
         from rcd_ext.decoding import generate
 

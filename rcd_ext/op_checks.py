@@ -14,6 +14,17 @@ import torch
 from rcd_ext.op_reference import STRATEGIES
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The kernels compute in float32 with 1 / t_res: below this 1 / t_res is +inf and every sum NaN.
+MIN_T_RES = 1.0 / torch.finfo(torch.float32).max
+
+
+def check_t_res(t_res: object) -> float:
+    """t_res as a float; ValueError unless it is finite and 1 / t_res is a finite float32."""
+    if isinstance(t_res, bool) or not isinstance(t_res, (int, float)) \
+            or not (math.isfinite(t_res) and t_res >= MIN_T_RES):
+        raise ValueError(f"t_res must be a finite number >= {MIN_T_RES:.3g} (1 / t_res must be "
+                         f"a finite float32), got {t_res!r}")
+    return float(t_res)
 
 
 def check_residual_context_args(
@@ -56,8 +67,7 @@ def check_residual_context_args(
             "logit column needs an embedding row (slice the logits to the table, e.g. "
             f"logits[:, :{table_rows}], after checking those columns are never sampled)"
         )
-    if not (isinstance(t_res, (int, float)) and math.isfinite(t_res) and t_res > 0):
-        raise ValueError(f"t_res must be a finite number > 0, got {t_res!r}")
+    check_t_res(t_res)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not (isinstance(alpha_scale, (int, float)) and 0.0 <= alpha_scale <= 1.0):
@@ -80,3 +90,15 @@ def check_logit_values(logits: torch.Tensor) -> torch.Tensor:
                 else "has no finite logit (every entry is -inf)")
         raise ValueError(f"logits row {row} {what}")
     return row_max
+
+
+def check_table_values(embed_weight: torch.Tensor, name: str = "embedding table") -> None:
+    """Refuse a table with NaN or inf entries (it would turn every residual into NaN silently).
+
+    A full read of the table: meant for the moment a table is first seen, not for every step.
+    """
+    finite = torch.isfinite(embed_weight).all(-1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"{name} row {row} contains NaN or inf: the residual of every position "
+                         "would be NaN (check the checkpoint or the model's dtype)")

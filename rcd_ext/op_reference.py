@@ -38,6 +38,15 @@ import torch
 STRATEGIES = ("entropy", "confidence", "fixed")
 
 
+def tempered_shifted_logits(z: torch.Tensor, t_res: float) -> torch.Tensor:
+    """(z - max z) / t_res per row, float32 [N, V]: softmax(z / t_res) of these is the same
+    distribution, and subtracting the maximum first keeps logits near the float32 limit (|z| ~
+    3e38, or z / t_res past it for t_res < 1) finite; a difference that overflows is -inf, whose
+    probability is 0 in any precision."""
+    shifted = z - z.amax(-1, keepdim=True)
+    return shifted if t_res == 1.0 else shifted * (1.0 / t_res)
+
+
 def residual_context_reference(
     logits: torch.Tensor,
     embed_weight: torch.Tensor,
@@ -59,7 +68,7 @@ def residual_context_reference(
     if strategy == "fixed":
         alpha = torch.full((n,), float(alpha_scale), dtype=torch.float32, device=z.device)
     else:
-        log_q = torch.log_softmax(z / t_res, dim=-1)
+        log_q = torch.log_softmax(tempered_shifted_logits(z, t_res), dim=-1)
         q = log_q.exp()
         # where q == 0 (including -inf logits) the term is 0, not 0 * -inf = nan
         plogp = torch.where(q > 0, q * log_q, torch.zeros_like(q))
@@ -68,7 +77,7 @@ def residual_context_reference(
         weight = normalized if strategy == "entropy" else 1.0 - normalized
         alpha = alpha_scale * weight
 
-    p = torch.softmax(z / t_res if temper_delta else z, dim=-1)
+    p = torch.softmax(tempered_shifted_logits(z, t_res if temper_delta else 1.0), dim=-1)
     delta = p @ table
     embeds = (1.0 - alpha)[:, None] * mask[None, :] + alpha[:, None] * delta
     return embeds.to(embed_weight.dtype), alpha
@@ -97,7 +106,7 @@ def residual_context_top_k_reference(
     z = logits.detach().float()
     table = embed_weight.detach()[:vocab].float()
     mask = mask_embed.detach().float()
-    p = torch.softmax(z / t_res if temper_delta else z, dim=-1)
+    p = torch.softmax(tempered_shifted_logits(z, t_res if temper_delta else 1.0), dim=-1)
     # stable descending sort: among equal logits the lower column comes first
     order = torch.sort(z, dim=-1, descending=True, stable=True).indices
     head = torch.zeros(z.shape, dtype=torch.bool, device=z.device)

@@ -5,11 +5,13 @@ kernel + tensor-core GEMM in chunks), registered with torch.library under one sc
 implementation below lets the op run under torch.compile(fullgraph=True) and torch.export.
 The plain-torch specification is `rcd_ext.op_reference.residual_context_reference`.
 
-`residual_top_k=k` (1 <= k < V) runs a sparse variant in plain torch instead (CPU and CUDA): alpha
-from the exact full-vocabulary entropy, delta from the k rows of the largest logits plus the
-tail's probability mass times the mean of the other rows, derived from the table's mean row
-(computed once per table and cached). Specification:
-`rcd_ext.op_reference.residual_context_top_k_reference`.
+`residual_top_k=k` (1 <= k < V) runs the sparse op `torch.ops.rcd_ext.residual_context_top_k`
+instead (csrc/residual_context_top_k_cpu.cpp; CUDA for k <= CUDA_TOP_K_MAX): one pass over each
+row's logits gives the statistics and the top k together; alpha from the exact full-vocabulary
+entropy, delta from the k rows of the largest logits plus the tail's probability mass times the
+mean of the other rows, derived from the table's row sum (computed once per table, cached, and
+passed in through the op `rcd_ext::table_row_sum`). Without a kernel for the device a plain-torch
+version runs. Specification: `rcd_ext.op_reference.residual_context_top_k_reference`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from rcd_ext import _extension
+from rcd_ext import _extension, kernel_self_check
 from rcd_ext.op_checks import check_logit_values, check_residual_context_args
 from rcd_ext.op_reference import (
     STRATEGIES,
@@ -32,8 +34,8 @@ from rcd_ext.op_reference import (
 )
 
 __all__ = ["STRATEGIES", "backend", "check_residual_top_k", "clear_table_mean_cache",
-           "residual_context", "residual_context_reference", "residual_context_top_k_reference",
-           "table_mean"]
+           "has_top_k_kernel", "residual_context", "residual_context_reference",
+           "residual_context_top_k_reference", "table_mean", "table_row_sum"]
 
 Backend = Literal["cpu-kernel", "cuda-kernel", "reference"]
 
@@ -41,6 +43,8 @@ Backend = Literal["cpu-kernel", "cuda-kernel", "reference"]
 def backend(device: str | torch.device = "cpu") -> Backend:
     """Which implementation `residual_context` runs for inputs on `device`."""
     device_type = torch.device(device).type
+    if kernel_self_check.failed("residual_context", device):
+        return "reference"
     if device_type == "cpu" and _extension.cpu_loaded:
         return "cpu-kernel"
     if device_type == "cuda" and _extension.cuda_loaded:
@@ -92,15 +96,57 @@ def residual_context(
     if residual_top_k is not None:
         top_k = check_residual_top_k(residual_top_k)
         if top_k < logits.shape[1]:
-            return _residual_context_top_k(logits, embed_weight, mask_embed, float(t_res),
-                                           bool(temper_delta), strategy, float(alpha_scale),
-                                           top_k)
+            return _sparse_residual_context(logits, embed_weight, mask_embed, float(t_res),
+                                            bool(temper_delta), strategy, float(alpha_scale),
+                                            top_k)
     args = (logits.detach(), embed_weight.detach(), mask_embed.detach(),
             float(t_res), bool(temper_delta), strategy, float(alpha_scale))
-    if backend(logits.device) == "reference":
+    if backend(logits.device) == "reference" \
+            or not kernel_self_check.kernel_usable("residual_context", logits.device):
         check_logit_values(args[0])
         return residual_context_reference(*args)
+    return _exact_kernel(*args)
+
+
+def _exact_kernel(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled exact op (one name for the self-check and its tests to replace)."""
     return torch.ops.rcd_ext.residual_context(*args)
+
+
+# (logits dtype, table dtype, strided logits, temper_delta): each kernel path once
+_SELF_CHECK_CASES = ((torch.float32, torch.float32, False, False),
+                     (torch.bfloat16, torch.bfloat16, True, True),
+                     (torch.float16, torch.float16, False, False),
+                     (torch.float32, torch.bfloat16, True, False))
+# loose enough for fast-math exp and any summation order, far below what a broken kernel gives
+_SELF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 8e-3}
+
+
+def _self_check_exact(device: torch.device) -> str | None:
+    """Kernel vs reference on a small input per kernel path (vocabulary chunks, -inf entries,
+    a column slice of wider logits); None when they agree, else what differed."""
+    generator = torch.Generator().manual_seed(0)
+    for logit_dtype, table_dtype, strided, temper_delta in _SELF_CHECK_CASES:
+        # 9000 columns: the CUDA statistics split a row over several blocks from 8193 on
+        wide = torch.randn(5, 9100, generator=generator) * 4
+        wide[:, 7::11] = -math.inf
+        table = torch.randn(9010, 24, generator=generator)
+        logits = wide.to(device, logit_dtype)
+        logits = logits[:, :9000] if strided else logits[:, :9000].contiguous()
+        table = table.to(device, table_dtype)
+        args = (logits, table, table[3], 0.8, temper_delta, "entropy", 1.0)
+        got_embeds, got_alpha = _exact_kernel(*args)
+        want_embeds, want_alpha = residual_context_reference(*args)
+        alpha_error = (got_alpha.float() - want_alpha).abs().max().item()
+        embed_error = (got_embeds.float() - want_embeds.float()).abs().max().item()
+        scale = max(1.0, want_embeds.float().abs().max().item())
+        if not (alpha_error <= 1e-3 and embed_error <= _SELF_CHECK_TOLERANCE[table_dtype] * scale):
+            return (f"{logit_dtype} logits, {table_dtype} table: max |kernel - reference| "
+                    f"{embed_error:.3g} (embeds), {alpha_error:.3g} (alpha)")
+    return None
+
+
+kernel_self_check.register_self_check("residual_context", _self_check_exact)
 
 
 # ---- the top-k (sparse) residual -----------------------------------------------------------------
@@ -273,6 +319,131 @@ def _residual_context_top_k(logits: torch.Tensor, embed_weight: torch.Tensor,
         alpha[start:start + z.shape[0]] = chunk_alpha
     return embeds, alpha
 
+
+
+# the CUDA kernel keeps 4096 candidates per row in shared memory; larger k run in plain torch
+CUDA_TOP_K_MAX = 1024
+
+
+def _top_k_kernel_devices() -> frozenset[str]:
+    """Device types with a compiled `rcd_ext::residual_context_top_k` kernel (read once at import:
+    a module constant is what torch.compile can fold)."""
+    loaded = {"cpu": _extension.cpu_loaded, "cuda": _extension.cuda_loaded}
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if loaded[device] and hasattr(torch.ops.rcd_ext, "residual_context_top_k")
+                     and has_kernel("rcd_ext::residual_context_top_k", key))
+
+
+TOP_K_KERNEL_DEVICES = _top_k_kernel_devices()
+
+
+def has_top_k_kernel(device: str | torch.device, k: int) -> bool:
+    """Whether `residual_top_k=k` runs the compiled sparse op for inputs on `device`."""
+    device_type = torch.device(device).type
+    return device_type in TOP_K_KERNEL_DEVICES and (device_type != "cuda" or k <= CUDA_TOP_K_MAX)
+
+
+@torch.library.custom_op("rcd_ext::table_row_sum", mutates_args=())
+def table_row_sum(embed_weight: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Sum of embed_weight[:vocab]'s rows, float32 [D], from the cached mean row (one table read
+    per table, not per call). An op so that torch.compile calls the cache at run time instead of
+    tracing its weak references and version counters."""
+    return table_mean(embed_weight, vocab) * vocab
+
+
+@table_row_sum.register_fake
+def _table_row_sum_fake(embed_weight: torch.Tensor, vocab: int) -> torch.Tensor:
+    return embed_weight.new_empty((embed_weight.shape[1],), dtype=torch.float32)
+
+
+def _sparse_residual_context(logits: torch.Tensor, embed_weight: torch.Tensor,
+                             mask_embed: torch.Tensor, t_res: float, temper_delta: bool,
+                             strategy: str, alpha_scale: float, k: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse residual (1 <= k < V): the registered op where the device has a kernel for k,
+    else the plain-torch version. Returns (embeds [N, D] in the table's dtype, alpha [N])."""
+    logits, table, mask = logits.detach(), embed_weight.detach(), mask_embed.detach()
+    if not has_top_k_kernel(logits.device, k) \
+            or not kernel_self_check.kernel_usable("residual_context_top_k", logits.device):
+        return _residual_context_top_k(logits, table, mask, t_res, temper_delta, strategy,
+                                       alpha_scale, k)
+    table_sum = torch.ops.rcd_ext.table_row_sum(table, logits.shape[1])
+    return _top_k_kernel(logits, table, mask, table_sum, t_res, temper_delta, strategy,
+                         alpha_scale, k)
+
+
+def _top_k_kernel(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled sparse op (one name for the self-check and its tests to replace)."""
+    return torch.ops.rcd_ext.residual_context_top_k(*args)
+
+
+# (logits dtype, table dtype, strided logits, temper_delta, k): each kernel path once; 9000
+# columns are several CUDA tiles and candidate-buffer cuts, k = 1024 the CUDA kernel's limit
+_TOP_K_SELF_CHECK_CASES = ((torch.float32, torch.float32, False, False, 64),
+                           (torch.bfloat16, torch.bfloat16, True, True, 1024),
+                           (torch.float16, torch.float16, False, False, 7),
+                           (torch.float32, torch.bfloat16, True, False, 256))
+
+
+def _self_check_top_k(device: torch.device) -> str | None:
+    """Sparse kernel vs its reference on a small input per kernel path (-inf entries, ties at
+    the k-th place, a column slice of wider logits); None when they agree, else what differed."""
+    generator = torch.Generator().manual_seed(0)
+    for logit_dtype, table_dtype, strided, temper_delta, k in _TOP_K_SELF_CHECK_CASES:
+        wide = torch.randn(5, 9100, generator=generator) * 4
+        wide[:, 7::11] = -math.inf
+        wide[1] = wide[1].round()  # many equal values at the k-th place
+        table = torch.randn(9010, 24, generator=generator).to(device, table_dtype)
+        logits = wide.to(device, logit_dtype)
+        logits = logits[:, :9000] if strided else logits[:, :9000].contiguous()
+        table_sum = table[:9000].double().sum(0).float()
+        args = (logits, table, table[3], 0.8, temper_delta, "entropy", 1.0)
+        got_embeds, got_alpha = _top_k_kernel(*args[:3], table_sum, *args[3:], k)
+        want_embeds, want_alpha = residual_context_top_k_reference(*args, residual_top_k=k)
+        alpha_error = (got_alpha.float() - want_alpha).abs().max().item()
+        embed_error = (got_embeds.float() - want_embeds.float()).abs().max().item()
+        scale = max(1.0, want_embeds.float().abs().max().item())
+        if not (alpha_error <= 1e-3 and embed_error <= _SELF_CHECK_TOLERANCE[table_dtype] * scale):
+            return (f"{logit_dtype} logits, {table_dtype} table, k={k}: max |kernel - reference| "
+                    f"{embed_error:.3g} (embeds), {alpha_error:.3g} (alpha)")
+    return None
+
+
+kernel_self_check.register_self_check("residual_context_top_k", _self_check_top_k)
+
+
+def check_top_k_op_args(logits: torch.Tensor, embed_weight: torch.Tensor,
+                        mask_embed: torch.Tensor, table_sum: torch.Tensor, t_res: float,
+                        strategy: str, alpha_scale: float, k: int) -> None:
+    """The sparse op's argument checks (the kernels' own, in Python, for the fake): the exact
+    op's, k in [1, V), and table_sum a float32 [D] on the logits' device."""
+    check_residual_context_args(logits, embed_weight, mask_embed, t_res, strategy, alpha_scale)
+    vocab = logits.shape[1]
+    if not 1 <= k < vocab:
+        raise ValueError(f"residual_top_k must be in [1, V) = [1, {vocab}) for the sparse op "
+                         f"(k >= V is the exact op), got {k}")
+    if table_sum.dim() != 1 or table_sum.shape[0] != embed_weight.shape[1]:
+        raise ValueError(f"table_sum must be [D] with D = embed_weight.shape[1] = "
+                         f"{embed_weight.shape[1]}, got shape {tuple(table_sum.shape)}")
+    if table_sum.dtype != torch.float32:
+        raise TypeError(f"table_sum dtype {table_sum.dtype} must be float32")
+    if table_sum.device != logits.device:
+        raise ValueError(f"table_sum on {table_sum.device} must be on the logits' device "
+                         f"{logits.device}")
+
+
+if "cpu" in TOP_K_KERNEL_DEVICES:
+
+    @torch.library.register_fake("rcd_ext::residual_context_top_k")
+    def _residual_context_top_k_fake(logits, embed_weight, mask_embed, table_sum, t_res,
+                                     temper_delta, strategy, alpha_scale, k):
+        check_top_k_op_args(logits, embed_weight, mask_embed, table_sum, t_res, strategy,
+                            alpha_scale, k)
+        n = logits.shape[0]
+        embeds = embed_weight.new_empty((n, embed_weight.shape[1]))
+        alpha = logits.new_empty((n,), dtype=torch.float32)
+        return embeds, alpha
 
 if _extension.cpu_loaded:
 

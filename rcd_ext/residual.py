@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rcd_ext.op_checks import check_t_res, check_table_values
 from rcd_ext.ops import STRATEGIES, check_residual_top_k, residual_context
 
 INIT_STRATEGIES = ("cold", "reference", "self", "dirichlet")
@@ -65,8 +66,7 @@ class ResidualConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        if not self.t_res > 0:
-            raise ValueError(f"t_res must be > 0, got {self.t_res!r}")
+        check_t_res(self.t_res)
         if not 0.0 <= self.alpha_scale <= 1.0:
             raise ValueError(f"alpha_scale must be in [0, 1], got {self.alpha_scale!r}")
         if not self.dirichlet_concentration > 0:
@@ -123,6 +123,13 @@ class ResidualState:
     so P follows the masked positions that have logits (a block, or the blocks in flight),
     not the longest sequence: a server with 128 requests of 4096 tokens and D = 3584 keeps
     4 MiB of slots plus P x D instead of 3.5 GiB.
+
+    Pool row 0 is a sentinel that is never handed out: "no residual" (-1) clamps to it, so
+    lookups, injections and releases are fixed-shape tensor ops with no host read; `update`
+    reads two numbers back (the rows to write, how many of them need a pool row), and the free
+    rows when some do (a block's first step).
+    `length` (the [B, l] methods): an upper bound of the positions that the caller knows
+    (the wrapper does), which saves reading `positions.max()` back to the host.
     """
 
     def __init__(self, embed_weight: torch.Tensor, mask_id: int, config: ResidualConfig):
@@ -130,15 +137,20 @@ class ResidualState:
             raise ValueError(
                 f"mask id {mask_id} is outside the embedding table ({embed_weight.shape[0]} rows)"
             )
+        # one full read of the table per state: a NaN row would otherwise turn every residual
+        # (and so every later step's logits) into NaN with no error pointing at the table
+        check_table_values(embed_weight.detach(), "input embedding table")
         self.embed_weight = embed_weight
         self.mask_id = int(mask_id)
         self.config = config
         device, dim = embed_weight.device, embed_weight.shape[1]
-        # never empty: lookups clamp "no residual" (-1) to row 0 and mask the result
         with torch.inference_mode(False):  # see `reset`
             self.pool_embeds = embed_weight.new_zeros((1, dim))
             self.pool_alpha = torch.zeros(1, dtype=torch.float32, device=device)
-            self.pool_used = torch.zeros(1, dtype=torch.bool, device=device)
+            self.pool_used = torch.ones(1, dtype=torch.bool, device=device)  # the sentinel
+        # an upper bound of the pool rows in use (sentinel excluded), kept on the host so that
+        # allocating reads the pool back only when the bound says it may be full
+        self._held_bound = 0
         self.reset(0)
 
     @property
@@ -159,7 +171,8 @@ class ResidualState:
     @property
     def residuals_held(self) -> int:
         """Pool rows in use (residuals in flight)."""
-        return int(self.pool_used.sum())
+        self._held_bound = int(self.pool_used.sum()) - 1  # the sentinel is no residual
+        return self._held_bound
 
     def reset(self, batch_size: int = 0) -> None:
         """Forget every residual (new prompt batch); the pool keeps its capacity."""
@@ -169,6 +182,8 @@ class ResidualState:
             self.slot = torch.full((batch_size, 0), -1, dtype=torch.long,
                                    device=self.embed_weight.device)
             self.pool_used.zero_()
+            self.pool_used[0] = True
+        self._held_bound = 0
 
     def _ensure(self, batch_size: int, length: int) -> None:
         # the [B, l] methods take a different batch size as a new batch (generate's calls)
@@ -195,25 +210,28 @@ class ResidualState:
 
     def _allocate(self, count: int) -> torch.Tensor:
         """[count] long: free pool rows, now marked used (the pool doubles when full)."""
-        free = (~self.pool_used).nonzero().squeeze(1)
-        if free.numel() < count:
-            capacity = self.pool_used.shape[0]
-            new_capacity = max(2 * capacity, capacity + count - free.numel(), 16)
-            with torch.inference_mode(False):
-                embeds = self.pool_embeds.new_zeros((new_capacity, self.pool_embeds.shape[1]))
-                alpha = self.pool_alpha.new_zeros(new_capacity)
-                used = self.pool_used.new_zeros(new_capacity)
-                embeds[:capacity] = self.pool_embeds
-                alpha[:capacity] = self.pool_alpha
-                used[:capacity] = self.pool_used
-            self.pool_embeds, self.pool_alpha, self.pool_used = embeds, alpha, used
-            free = torch.cat([free, torch.arange(capacity, new_capacity, device=free.device)])
-        chosen = free[:count]
+        capacity = self.pool_used.shape[0]
+        if capacity - 1 - self._held_bound < count:
+            held = self.residuals_held  # the bound may be stale: count exactly
+            if capacity - 1 - held < count:
+                new_capacity = max(2 * capacity, held + 1 + count, 16)
+                with torch.inference_mode(False):
+                    embeds = self.pool_embeds.new_zeros((new_capacity, self.pool_embeds.shape[1]))
+                    alpha = self.pool_alpha.new_zeros(new_capacity)
+                    used = self.pool_used.new_zeros(new_capacity)
+                    embeds[:capacity] = self.pool_embeds
+                    alpha[:capacity] = self.pool_alpha
+                    used[:capacity] = self.pool_used
+                self.pool_embeds, self.pool_alpha, self.pool_used = embeds, alpha, used
+        # only steps that bring new masked positions get here (a block's first step)
+        chosen = (~self.pool_used).nonzero().squeeze(1)[:count]
         self.pool_used[chosen] = True
+        self._held_bound += count
         return chosen
 
     def _release(self, slots: torch.Tensor) -> None:
-        self.pool_used[slots[slots >= 0]] = False
+        # -1 ("none") lands on the sentinel and writes back its True; a real row gets False
+        self.pool_used[slots.clamp_min(0)] = slots < 0
 
     # Flat (row, position) pairs: engines that pack several requests into one token batch.
 
@@ -243,14 +261,20 @@ class ResidualState:
         self._release(self.slot[rows].reshape(-1))
         self.slot[rows] = -1
 
-    def has_residual(self, positions: torch.Tensor) -> torch.Tensor:
+    def _fit(self, positions: torch.Tensor, length: int | None) -> None:
+        """Room for the [B, l] `positions` (a new batch size resets, as `generate` expects)."""
+        if length is None:
+            length = int(positions.max()) + 1 if positions.numel() else 0
+        self._ensure(positions.shape[0], length)
+
+    def has_residual(self, positions: torch.Tensor, *, length: int | None = None) -> torch.Tensor:
         """[B, l] bool: whether a residual is stored at the absolute `positions` [B, l]."""
-        self._ensure(positions.shape[0], int(positions.max()) + 1 if positions.numel() else 0)
+        self._fit(positions, length)
         return torch.gather(self.slot, 1, positions) >= 0
 
-    def alpha_at(self, positions: torch.Tensor) -> torch.Tensor:
+    def alpha_at(self, positions: torch.Tensor, *, length: int | None = None) -> torch.Tensor:
         """[B, l] float32 alpha stored at `positions` (0 where none is stored)."""
-        self._ensure(positions.shape[0], int(positions.max()) + 1 if positions.numel() else 0)
+        self._fit(positions, length)
         slots = torch.gather(self.slot, 1, positions)
         return self.pool_alpha[slots.clamp_min(0)] * (slots >= 0)
 
@@ -259,6 +283,8 @@ class ResidualState:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         scope: torch.Tensor | None = None,
+        *,
+        length: int | None = None,
     ) -> torch.Tensor:
         """Input embeddings [B, l, D] for tokens `input_ids` [B, l] at absolute `positions` [B, l].
 
@@ -266,7 +292,7 @@ class ResidualState:
         given) that hold a residual.
         """
         plain = torch.nn.functional.embedding(input_ids, self.embed_weight)
-        return self.inject(plain, input_ids, positions, scope)
+        return self.inject(plain, input_ids, positions, scope, length=length)
 
     def inject(
         self,
@@ -274,19 +300,20 @@ class ResidualState:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         scope: torch.Tensor | None = None,
+        *,
+        length: int | None = None,
     ) -> torch.Tensor:
         """`embeds` [B, l, D] (token embeddings of `input_ids`) with the stored residuals put at
-        masked positions that have one. Returns `embeds` itself when nothing changes, else a
-        copy (the input is never modified)."""
-        use = (input_ids == self.mask_id) & self.has_residual(positions)
+        masked positions that have one: a new tensor (the input is never modified)."""
+        self._fit(positions, length)
+        slots = torch.gather(self.slot, 1, positions)
+        use = (input_ids == self.mask_id) & (slots >= 0)
         if scope is not None:
             use &= scope
-        if not bool(use.any()):
-            return embeds
-        rows, cols = use.nonzero(as_tuple=True)
-        embeds = embeds.clone()
-        embeds[rows, cols] = self.residuals_at(rows, positions[rows, cols]).to(embeds.dtype)
-        return embeds
+        # every position reads a pool row (the sentinel where none is stored) and `use` picks:
+        # a fixed-shape select instead of reading the chosen rows' count back to the host
+        residuals = self.pool_embeds[slots.clamp_min(0)].to(embeds.dtype)
+        return torch.where(use.unsqueeze(-1), residuals, embeds)
 
     def update(
         self,
@@ -294,23 +321,27 @@ class ResidualState:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         scope: torch.Tensor | None = None,
+        *,
+        length: int | None = None,
     ) -> int:
         """Store residuals from `logits` [B, l, V] for the masked positions of `input_ids` [B, l].
 
         Positions holding a real token are forgotten; masked positions (inside `scope` [B, l]
         when given) are overwritten. Returns the number of rows written.
         """
-        self._ensure(input_ids.shape[0], int(positions.max()) + 1 if positions.numel() else 0)
+        self._fit(positions, length)
         masked = input_ids == self.mask_id
-        # a committed token's position never needs its old residual again
         slots = torch.gather(self.slot, 1, positions)
-        self._release(slots[~masked])
-        self.slot.scatter_(1, positions, slots.masked_fill(~masked, -1))
+        # a committed token's position never needs its old residual again
+        self._release(slots.masked_fill(masked, -1))
+        slots = slots.masked_fill(~masked, -1)
+        self.slot.scatter_(1, positions, slots)
         write = masked if scope is None else masked & scope
-        if not bool(write.any()):
-            return 0
         rows, cols = write.nonzero(as_tuple=True)
-        self.write(rows, positions[rows, cols], logits[rows, cols])
+        if rows.numel() == 0:
+            return 0
+        slots = slots[rows, cols]
+        self._store(rows, positions[rows, cols], slots, logits[rows, cols])
         return int(rows.numel())
 
     def write(self, batch_index: torch.Tensor, positions: torch.Tensor,
@@ -321,7 +352,14 @@ class ResidualState:
         """
         if batch_index.numel() == 0:
             return
-        self.grow(int(batch_index.max()) + 1, int(positions.max()) + 1)
+        top_row, top_position = torch.stack([batch_index.max(), positions.max()]).tolist()
+        self.grow(top_row + 1, top_position + 1)
+        self._store(batch_index, positions, self.slot[batch_index, positions], logits)
+
+    def _store(self, batch_index: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               logits: torch.Tensor) -> None:
+        """Compute the residuals of logits [N, V] and put them at the N pairs, whose current
+        pool rows are `slots` [N] (-1: none yet)."""
         # logits wider than the table (padded LM heads) have columns with no embedding row;
         # the op refuses them, so keep the columns that pair with real rows
         vocab = min(logits.shape[-1], self.embed_weight.shape[0])
@@ -331,14 +369,16 @@ class ResidualState:
             t_res=cfg.t_res, temper_delta=cfg.temper_delta, strategy=cfg.strategy,
             alpha_scale=cfg.alpha_scale, residual_top_k=cfg.residual_top_k,
         )
-        slots = self.slot[batch_index, positions]
         new = slots < 0
-        if bool(new.any()):
-            slots[new] = self._allocate(int(new.sum()))
+        count = int(new.sum())
+        if count:
+            # the k-th new pair takes the k-th allocated row
+            chosen = self._allocate(count)
+            slots = torch.where(new, chosen[(new.cumsum(0) - 1).clamp_min(0)], slots)
             self.slot[batch_index, positions] = slots
             # a pair given twice got two pool rows; the slot table kept one of them
             kept = self.slot[batch_index, positions]
-            self._release(slots[slots != kept])
+            self._release(slots.masked_fill(slots == kept, -1))
             slots = kept
         self.pool_embeds[slots] = embeds.to(self.pool_embeds.dtype)
         self.pool_alpha[slots] = alpha

@@ -33,6 +33,9 @@ from rcd_ext.models.adapters import ModelAdapter, check_reference, get_adapter
 from rcd_ext.residual import ResidualConfig, ResidualState, dirichlet_logits
 
 UNKNOWN = -1  # token id recorded for positions the wrapper has not seen
+# block index given to columns no block counts (before a row's origin, or no masks left): far
+# above any real block, so it never equals the current block
+NO_BLOCK = 2**62
 INJECTIONS = ("inputs_embeds", "hook")
 
 
@@ -118,7 +121,16 @@ class RCDModel:
                                    self.residual_config)
         self.stats = WrapperStats()
         self._signature = inspect.signature(model.forward)
-        self._pending: tuple | None = None  # (ids, positions, scope) for the embedding hook
+        self._positional_names = [
+            name for name, parameter in self._signature.parameters.items()
+            if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        # per-call tensors that only change with the call's shape: the last ones built
+        self._arange_cache: tuple[tuple, torch.Tensor] | None = None
+        # (key, origin, block_of, block_key): see `_blocks`
+        self._block_cache: tuple | None = None
+        # (ids, positions, scope, length) for the embedding hook
+        self._pending: tuple | None = None
         self._deferred: tuple | None = None  # (logits, positions, scope) of the latest call
         # with record_inputs, last_call = (positions [B, l], alpha injected [B, l]) of the
         # latest call (for step traces; off by default: it costs a gather per call)
@@ -165,7 +177,10 @@ class RCDModel:
                                    device=self.sequence.device)
         self.gen_start = None
 
-    def _positions(self, input_ids: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
+    def _positions(self, input_ids: torch.Tensor,
+                   arguments: dict[str, Any]) -> tuple[torch.Tensor, int | None]:
+        """Absolute positions [B, l] of the call's tokens, and their end (max + 1) when it is
+        known without reading the positions back (None otherwise)."""
         batch, length = input_ids.shape
         device = input_ids.device
         replace = arguments.get("replace_position")
@@ -175,22 +190,28 @@ class RCDModel:
             if not bool((counts == length).all()):
                 raise ValueError(f"replace_position selects {counts.tolist()} positions for "
                                  f"an input of length {length}")
-            return replace.nonzero()[:, 1].view(batch, length)
+            return replace.nonzero()[:, 1].view(batch, length), None
         position_ids = arguments.get("position_ids")
         if position_ids is not None:
-            return position_ids.to(device).long().expand(batch, length)
+            return position_ids.to(device).long().expand(batch, length), None
         start = self.adapter.cache_length(arguments.get("past_key_values"))
-        return (start + torch.arange(length, device=device))[None].expand(batch, length)
+        key = (start, length, batch, device)
+        if self._arange_cache is None or self._arange_cache[0] != key:
+            positions = (start + torch.arange(length, device=device))[None].expand(batch, length)
+            self._arange_cache = (key, positions)
+        return self._arange_cache[1], start + length
 
-    def _record(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
-        """Overlay this call's tokens on the recorded sequence; reset on a new prompt."""
+    def _record(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                end: int | None) -> None:
+        """Overlay this call's tokens on the recorded sequence; reset on a new prompt. `end`:
+        max(positions) + 1 when known (else read back)."""
         batch = input_ids.shape[0]
         ids, pos = input_ids, positions
         if self.sequence.device != ids.device:
             self.sequence = self.sequence.to(ids.device)
         if self.sequence.shape[0] != batch:
             self._forget(batch)
-        need = int(pos.max()) + 1
+        need = int(pos.max()) + 1 if end is None else end
         if need > self.sequence.shape[1]:
             pad = torch.full((batch, need - self.sequence.shape[1]), UNKNOWN, dtype=torch.long,
                              device=ids.device)
@@ -221,20 +242,33 @@ class RCDModel:
         """
         if self.residual_config.scope == "all":
             return None
-        batch = positions.shape[0]
-        origin = torch.zeros(batch, dtype=torch.long, device=positions.device)
+        block_of, block_key = self._blocks()
+        # the earliest block with a masked column after its row's origin (NO_BLOCK: none)
+        current = torch.where(self.sequence == self.mask_id, block_key, NO_BLOCK).min()
+        return torch.gather(block_of, 1, positions) == current
+
+    def _blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block index of every column of the recorded sequence, counted from each row's
+        origin: ([B, W] with -1 before the origin, [B, W] with NO_BLOCK there). Both change only
+        with the sequence's width and the origin, so the last pair is kept."""
+        origin = None
         if self.block_origin == "prompt" and self.gen_start is not None:
             origin = self.gen_start
-        columns = torch.arange(self.sequence.shape[1], device=positions.device)[None]
-        after = (self.sequence == self.mask_id) & (columns >= origin[:, None])
-        if not bool(after.any()):
-            return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
-        block_of = torch.div(columns - origin[:, None], self.block_length, rounding_mode="floor")
-        current = int(block_of[after].min())
-        pos = positions
-        in_block = (torch.div(pos - origin[:, None], self.block_length, rounding_mode="floor")
-                    == current) & (pos >= origin[:, None])
-        return in_block
+        key = (self.sequence.shape, self.sequence.device, self.block_length)
+        cached = self._block_cache
+        # the origin tensor is kept in the cache, so `is` cannot match a new tensor at an old id
+        if cached is not None and cached[0] == key and cached[1] is origin:
+            return cached[2], cached[3]
+        batch, width = self.sequence.shape
+        columns = torch.arange(width, device=self.sequence.device)[None].expand(batch, width)
+        if origin is not None:
+            columns = columns - origin[:, None]
+        block_of = torch.div(columns, self.block_length, rounding_mode="floor")
+        before = columns < 0
+        block_of = block_of.masked_fill(before, -1)
+        block_key = block_of.masked_fill(before, NO_BLOCK)
+        self._block_cache = (key, origin, block_of, block_key)
+        return block_of, block_key
 
     # ---- the call ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -258,21 +292,25 @@ class RCDModel:
             # embeddings chosen by the caller: nothing to inject
             self.stats.target_forwards += 1
             return self.model(*args, **kwargs)
-        positions = self._positions(input_ids, arguments)
-        self._record(input_ids, positions)
+        positions, end = self._positions(input_ids, arguments)
+        self._record(input_ids, positions, end)
+        # every position seen so far lies inside the recorded sequence: its width bounds them
+        length = self.sequence.shape[1]
         self.flush()
         scope = self._scope(positions)
         self._prime(input_ids, positions, scope, arguments, args, kwargs)
 
         if self.record_inputs:
             # what this call injects, for traces: alpha [B, l] (0 where plain embeddings)
-            injected = (input_ids == self.mask_id) & self.state.has_residual(positions)
+            injected = ((input_ids == self.mask_id)
+                        & self.state.has_residual(positions, length=length))
             if scope is not None:
                 injected &= scope
-            self.last_call = (positions, self.state.alpha_at(positions) * injected)
+            self.last_call = (positions,
+                              self.state.alpha_at(positions, length=length) * injected)
         if self.injection == "hook":
             # the model embeds the ids itself; the hook swaps in the residual rows
-            self._pending = (input_ids, positions, scope)
+            self._pending = (input_ids, positions, scope, length)
             try:
                 output = self.model(*args, **kwargs)
             finally:
@@ -283,7 +321,7 @@ class RCDModel:
                     "with the call's input_ids: use injection='inputs_embeds'"
                 )
         else:
-            embeds = self.state.inputs_embeds(input_ids, positions, scope)
+            embeds = self.state.inputs_embeds(input_ids, positions, scope, length=length)
             call_args, call_kwargs = self._call_with_embeds(args, kwargs, embeds)
             output = self.model(*call_args, **call_kwargs)
         self.stats.target_forwards += 1
@@ -303,22 +341,22 @@ class RCDModel:
         logits, positions, scope = self._deferred
         self._deferred = None
         current = torch.gather(self.sequence, 1, positions)
-        self.stats.residual_rows += self.state.update(logits, current, positions, scope)
+        self.stats.residual_rows += self.state.update(logits, current, positions, scope,
+                                                      length=self.sequence.shape[1])
 
     def _embedding_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> Any:
         pending = self._pending
         if pending is None or not inputs or not torch.equal(inputs[0], pending[0]):
             return output  # not the call being wrapped (e.g. an init or reference forward)
         self._pending = None
-        return self.state.inject(output, *pending)
+        input_ids, positions, scope, length = pending
+        return self.state.inject(output, input_ids, positions, scope, length=length)
 
     def _call_with_embeds(self, args: tuple, kwargs: dict[str, Any],
                           embeds: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
         """The caller's (args, kwargs) with input_ids None and inputs_embeds set, keeping
         positional what was positional (hooks and engines see the call they made)."""
-        names = [name for name, parameter in self._signature.parameters.items()
-                 if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY,
-                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        names = self._positional_names
         args, kwargs = list(args), dict(kwargs)
         for name, value in (("input_ids", None), ("inputs_embeds", embeds)):
             if name in names and names.index(name) < len(args):
@@ -334,7 +372,8 @@ class RCDModel:
         init = self.residual_config.init
         if init == "cold":
             return
-        missing = (input_ids == self.mask_id) & ~self.state.has_residual(positions)
+        missing = ((input_ids == self.mask_id)
+                   & ~self.state.has_residual(positions, length=self.sequence.shape[1]))
         if scope is not None:
             missing &= scope
         if not bool(missing.any()):

@@ -23,7 +23,7 @@ def test_flat_residual_keywords_land_in_the_residual_config():
 def test_bad_options_are_refused_with_the_value_and_what_was_expected():
     with pytest.raises(TypeError, match=r"unknown RCD option\(s\) \['temperature_res'\]"):
         RCDOptions().updated({"temperature_res": 0.9})
-    with pytest.raises(ValueError, match="t_res must be > 0"):
+    with pytest.raises(ValueError, match="t_res must be a finite number >= "):
         RCDOptions().updated({"t_res": 0.0})
     with pytest.raises(ValueError, match="suffix must be one of"):
         RCDOptions().updated({"suffix": "stale"})

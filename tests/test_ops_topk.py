@@ -338,3 +338,210 @@ def test_wrap_and_engine_options_carry_the_option():
     assert options.residual_config().residual_top_k == 8
     with pytest.raises(ValueError, match="residual_top_k"):
         wrap(LLaDADouble(), mask_id=47, residual_top_k=0)
+
+
+# ---- the registered op: kernel, fake, opcheck, torch.compile ----------------------------------
+
+needs_kernel = pytest.mark.skipif(not ops.has_top_k_kernel("cpu", 64),
+                                  reason="the compiled sparse op did not load")
+
+
+def table_sum_of(embed, vocab):
+    return embed[:vocab].double().sum(0).float()
+
+
+def test_the_cpu_kernel_is_what_runs():
+    # a missing kernel would silently leave the slow plain-torch version in place
+    assert ops.has_top_k_kernel("cpu", 64)
+    assert hasattr(torch.ops.rcd_ext, "residual_context_top_k")
+
+
+@needs_kernel
+@pytest.mark.parametrize("vocab", [4096 * 3 + 5, 9000])
+@pytest.mark.parametrize("order", ["rising", "falling", "peak_last"])
+def test_kernel_over_several_tiles_with_the_maximum_moving(vocab, order):
+    # the statistics are kept relative to a running maximum and rescaled when it rises: rows
+    # whose maximum rises in every tile, sits in the first one, or comes in the last one
+    g = torch.Generator().manual_seed(vocab)
+    ramp = torch.linspace(-30.0, 30.0, vocab)
+    base = {"rising": ramp, "falling": ramp.flip(0), "peak_last": torch.zeros(vocab)}[order]
+    logits = base + torch.randn(5, vocab, generator=g)
+    if order == "peak_last":
+        logits[:, -3:] += 12.0
+    embed = torch.randn(vocab, 16, generator=g)
+    mask = torch.randn(16, generator=g)
+    for kwargs in ({"t_res": 0.7}, {"t_res": 1.5, "temper_delta": True},
+                   {"strategy": "confidence"}):
+        got, got_alpha = ops.residual_context(logits, embed, mask, residual_top_k=37, **kwargs)
+        want, want_alpha = residual_context_top_k_reference(logits, embed, mask,
+                                                            residual_top_k=37, **kwargs)
+        assert_close_scaled(got, want, torch.float32)
+        torch.testing.assert_close(got_alpha, want_alpha, atol=2e-5, rtol=0)
+
+
+@needs_kernel
+def test_kernel_reads_a_column_slice_in_place_and_strided_tables():
+    logits, embed, mask = make_inputs(6, 700, 8, pad_rows=9, seed=14)
+    wide = torch.cat([logits, torch.full((6, 9), 50.0)], 1)[:, :700]  # the logits[:, :V] slice
+    table = embed.t().contiguous().t()  # column-major: the kernel makes rows contiguous
+    assert not wide.is_contiguous() and not table.is_contiguous()
+    got, _ = ops.residual_context(wide, table, mask, residual_top_k=11)
+    want, _ = residual_context_top_k_reference(logits, embed, mask, residual_top_k=11)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+@needs_kernel
+def test_kernel_matches_the_plain_torch_version():
+    logits, embed, mask = make_inputs(30, 5000, 24, logit_dtype=torch.bfloat16,
+                                      embed_dtype=torch.bfloat16, seed=15)
+    for k in (1, 64, 300):
+        got = ops.residual_context(logits, embed, mask, t_res=0.9, residual_top_k=k)
+        plain = ops._residual_context_top_k(logits, embed, mask, 0.9, False, "entropy", 1.0, k)
+        assert_close_scaled(got[0], plain[0], torch.bfloat16)
+        torch.testing.assert_close(got[1], plain[1], atol=2e-5, rtol=0)
+
+
+@needs_kernel
+def test_op_refuses_bad_k_and_table_sum():
+    logits, embed, mask = make_inputs(3, 20, 4)
+    table_sum = table_sum_of(embed, 20)
+    op = torch.ops.rcd_ext.residual_context_top_k
+    for k in (0, 20, 25):
+        with pytest.raises(ValueError, match=r"residual_top_k must be in \[1, V\)"):
+            op(logits, embed, mask, table_sum, 1.0, False, "entropy", 1.0, k)
+    with pytest.raises(ValueError, match="table_sum must be"):
+        op(logits, embed, mask, table_sum[:3], 1.0, False, "entropy", 1.0, 2)
+    with pytest.raises(TypeError, match="table_sum dtype"):
+        op(logits, embed, mask, table_sum.double(), 1.0, False, "entropy", 1.0, 2)
+
+
+@needs_kernel
+def test_fake_checks_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        logits, embed = torch.empty(7, 50), torch.empty(60, 12, dtype=torch.bfloat16)
+        mask, table_sum = torch.empty(12, dtype=torch.bfloat16), torch.empty(12)
+        op = torch.ops.rcd_ext.residual_context_top_k
+        embeds, alpha = op(logits, embed, mask, table_sum, 1.0, False, "entropy", 1.0, 5)
+        assert embeds.shape == (7, 12) and embeds.dtype == torch.bfloat16
+        assert alpha.shape == (7,) and alpha.dtype == torch.float32
+        with pytest.raises(ValueError, match="table_sum must be"):
+            op(logits, embed, mask, torch.empty(11), 1.0, False, "entropy", 1.0, 5)
+        with pytest.raises(ValueError, match="only 60 rows"):
+            op(torch.empty(7, 61), embed, mask, table_sum, 1.0, False, "entropy", 1.0, 5)
+        with pytest.raises(ValueError, match=r"residual_top_k must be in \[1, V\)"):
+            op(logits, embed, mask, table_sum, 1.0, False, "entropy", 1.0, 50)
+        row_sum = torch.ops.rcd_ext.table_row_sum(embed, 50)
+        assert row_sum.shape == (12,) and row_sum.dtype == torch.float32
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_opcheck():
+    logits, embed, mask = make_inputs(5, 700, 12, pad_rows=4, seed=16)
+    half = (logits.bfloat16(), embed.bfloat16(), mask.bfloat16())
+    for (z, e, m), options in [((logits, embed, mask), (1.0, False, "entropy", 1.0, 7)),
+                               (half, (0.9, True, "confidence", 0.5, 64))]:
+        args = (z, e, m, table_sum_of(e, 700), *options)
+        torch.library.opcheck(torch.ops.rcd_ext.residual_context_top_k.default, args)
+    torch.library.opcheck(torch.ops.rcd_ext.table_row_sum.default, (embed, 700))
+
+
+@needs_kernel
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fullgraph_compile_over_the_sparse_op(dynamic):
+    ops.clear_table_mean_cache()
+    logits, embed, mask = make_inputs(4, 300, 8, pad_rows=2, logit_dtype=torch.bfloat16,
+                                      embed_dtype=torch.bfloat16, seed=17)
+
+    def step(z, table, m):
+        embeds, alpha = ops.residual_context(z * 2.0, table, m, t_res=0.9, residual_top_k=16)
+        return embeds * 1.0, alpha + 0.0
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    got = compiled(logits, embed, mask)
+    want = residual_context_top_k_reference(logits * 2.0, embed, mask, t_res=0.9,
+                                            residual_top_k=16)
+    assert_close_scaled(got[0], want[0], torch.bfloat16)
+    torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=0)
+    # the table's sum is looked up at run time, not baked into the graph
+    with torch.no_grad():
+        embed.add_(1.0)
+    changed = compiled(logits, embed, mask)
+    want = residual_context_top_k_reference(logits * 2.0, embed, mask, t_res=0.9,
+                                            residual_top_k=16)
+    assert_close_scaled(changed[0], want[0], torch.bfloat16)
+    other = make_inputs(7, 300, 8, pad_rows=2, logit_dtype=torch.bfloat16,
+                        embed_dtype=torch.bfloat16, seed=18)
+    assert compiled(*other)[0].shape == (7, 8)
+
+
+# ---- the CUDA kernel (run where a GPU is lent) --------------------------------------------------
+
+needs_cuda_kernel = pytest.mark.skipif(
+    not (torch.cuda.is_available() and ops.has_top_k_kernel("cuda", 64)),
+    reason="needs a CUDA device and the compiled CUDA sparse op")
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab,k", [(2048 * 5 + 3, 64), (126464, 256), (3000, 1024), (9, 8)])
+def test_cuda_kernel_matches_reference_over_many_tiles(dtype, vocab, k):
+    # several 2048-value tiles and candidate-buffer cuts; k at the kernel's limit; a tiny row
+    logits, embed, mask = make_inputs(7, vocab, 40, pad_rows=3, logit_dtype=dtype,
+                                      embed_dtype=dtype, seed=vocab, device="cuda")
+    logits[1] = logits[1].round()  # many ties at the k-th place
+    for kwargs in ({"t_res": 0.8}, {"t_res": 1.3, "temper_delta": True}, {"strategy": "fixed"}):
+        got, got_alpha = ops.residual_context(logits, embed, mask, residual_top_k=k, **kwargs)
+        want, want_alpha = residual_context_top_k_reference(logits.cpu(), embed.cpu(),
+                                                            mask.cpu(), residual_top_k=k,
+                                                            **kwargs)
+        assert_close_scaled(got.cpu(), want, dtype)
+        torch.testing.assert_close(got_alpha.cpu(), want_alpha, atol=1e-4, rtol=0)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+def test_cuda_kernel_reads_a_column_slice_and_reports_bad_rows():
+    logits, embed, mask = make_inputs(6, 5000, 16, pad_rows=8, logit_dtype=torch.bfloat16,
+                                      embed_dtype=torch.bfloat16, seed=21, device="cuda")
+    wide = torch.cat([logits, torch.full((6, 8), 40.0, device="cuda",
+                                         dtype=torch.bfloat16)], 1)[:, :5000]
+    got, _ = ops.residual_context(wide, embed, mask, residual_top_k=32)
+    want, _ = residual_context_top_k_reference(logits.cpu(), embed.cpu(), mask.cpu(),
+                                               residual_top_k=32)
+    assert_close_scaled(got.cpu(), want, torch.bfloat16)
+    logits[3, 4000] = float("nan")
+    logits[2, :] = -math.inf
+    with pytest.raises(ValueError, match="^logits row 2 has no finite logit"):
+        ops.residual_context(logits, embed, mask, residual_top_k=32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_k_above_the_kernel_limit_runs_plain_torch():
+    k = ops.CUDA_TOP_K_MAX + 1
+    assert not ops.has_top_k_kernel("cuda", k)
+    logits, embed, mask = make_inputs(3, 3000, 8, seed=22, device="cuda")
+    got, _ = ops.residual_context(logits, embed, mask, residual_top_k=k)
+    want, _ = residual_context_top_k_reference(logits.cpu(), embed.cpu(), mask.cpu(),
+                                               residual_top_k=k)
+    torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=0)
+
+
+@needs_kernel
+def test_self_check_passes_the_kernel_and_catches_a_wrong_one(monkeypatch):
+    # the first-call self-check CUDA runs, exercised here on the CPU kernel
+    assert "residual_context_top_k" in ops.kernel_self_check.registered_ops()
+    assert ops._self_check_top_k(torch.device("cpu")) is None
+
+    def wrong_kernel(*args):
+        embeds, alpha = torch.ops.rcd_ext.residual_context_top_k(*args)
+        return embeds, alpha * 0.9  # a subtly wrong alpha
+
+    monkeypatch.setattr(ops, "_top_k_kernel", wrong_kernel)
+    verdict = ops._self_check_top_k(torch.device("cpu"))
+    assert verdict is not None and "alpha" in verdict and "k=64" in verdict

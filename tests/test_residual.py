@@ -211,3 +211,22 @@ def test_a_pair_written_twice_in_one_call_holds_one_pool_row(table):
     assert state.residuals_held == 1
     state.forget(torch.tensor([0]), torch.tensor([3]))
     assert state.residuals_held == 0
+
+
+def test_a_known_position_bound_gives_the_same_state_as_reading_it():
+    generator = torch.Generator().manual_seed(8)
+    table = torch.randn(VOCAB, 8, generator=generator)
+    ids = torch.tensor([[MASK, 7, MASK], [MASK, MASK, 9]])
+    at = positions(2, 4, 3)
+    states = [ResidualState(table, MASK, ResidualConfig()) for _ in range(2)]
+    for _ in range(2):
+        logits = torch.randn(2, 3, VOCAB, generator=generator)
+        written = [states[0].update(logits, ids, at), states[1].update(logits, ids, at, length=7)]
+        assert written[0] == written[1] == int((ids == MASK).sum())
+        ids = ids.clone()
+        ids[0, 0] = 5  # committed: its pool row is handed back
+    assert states[0].residuals_held == states[1].residuals_held == int((ids == MASK).sum())
+    plain = torch.nn.functional.embedding(ids, table)
+    torch.testing.assert_close(states[0].inject(plain, ids, at),
+                               states[1].inject(plain, ids, at, length=7), rtol=0, atol=0)
+    torch.testing.assert_close(states[0].alpha_at(at), states[1].alpha_at(at, length=7))

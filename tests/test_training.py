@@ -3,8 +3,12 @@ reload into generate, and the errors users meet first."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -20,6 +24,11 @@ from rcd_ext.training import (
     draw_noise,
     train,
     training_arguments,
+)
+from rcd_ext.training.checkpoint_integrity import (
+    COMPLETE_MARKER,
+    checkpoint_problem,
+    resolve_resume,
 )
 from rcd_ext.training.data import load_jsonl, load_training_data
 from rcd_ext.training.objective import injected_residual
@@ -131,22 +140,57 @@ def test_reference_stays_frozen_and_target_trains(tmp_path):
     assert any(not torch.equal(v, before_target[k]) for k, v in target.state_dict().items())
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-    def run(output, target_seed, resume=None):
-        target, _, tokenizer = tiny_pair(seed=target_seed)
-        _, reference, _ = tiny_pair()  # the same reference in both runs
-        trainer = train(data=TASK, output_dir=str(output), model=target, tokenizer=tokenizer,
-                        reference=reference, resume_from_checkpoint=resume,
-                        diffusion=DiffusionArguments(stage="rcd", no_residual_fraction=0.3),
-                        **{**FAST, "max_steps": 6, "save_steps": 3})
-        return trainer, target
+def resumable_run(output, target_seed, resume=None):
+    """6 steps of stage rcd, checkpoints at 3 and 6; the target starts from `target_seed`."""
+    target, _, tokenizer = tiny_pair(seed=target_seed)
+    _, reference, _ = tiny_pair()  # the same reference in every run
+    trainer = train(data=TASK, output_dir=str(output), model=target, tokenizer=tokenizer,
+                    reference=reference, resume_from_checkpoint=resume,
+                    diffusion=DiffusionArguments(stage="rcd", no_residual_fraction=0.3),
+                    **{**FAST, "max_steps": 6, "save_steps": 3})
+    return trainer, target
 
-    whole_trainer, whole = run(tmp_path / "whole", 0)
-    # What a crash after step 3 leaves behind is checkpoint-3. The resumed run starts from
-    # other initial weights, so only a real resume (weights, optimizer, data position, RNG)
-    # can end where the uninterrupted run ended.
-    resumed_trainer, resumed = run(tmp_path / "resumed", 7,
-                                   resume=str(tmp_path / "whole" / "checkpoint-3"))
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(trainer, model, output dir) of a run that was never interrupted."""
+    output = tmp_path_factory.mktemp("whole")
+    return (*resumable_run(output, 0), output)
+
+
+def test_resume_past_a_torn_last_checkpoint_reproduces_uninterrupted_run(
+        tmp_path, monkeypatch, capsys, uninterrupted):
+    import transformers.modeling_utils as modeling_utils
+
+    whole_trainer, whole, _ = uninterrupted
+    real_save = modeling_utils.safe_save_file
+    saves = []
+
+    def disk_full_at_second_save(tensors, filename, metadata=None):
+        saves.append(filename)
+        if len(saves) < 2:
+            return real_save(tensors, filename, metadata=metadata)
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as handle:  # half of the file reached the disk
+            handle.truncate(os.path.getsize(filename) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The run dies saving checkpoint-6, as a full disk or a kill mid-save leaves it.
+    monkeypatch.setattr(modeling_utils, "safe_save_file", disk_full_at_second_save)
+    with pytest.raises(OSError, match="No space left"):
+        resumable_run(tmp_path, 0)
+    monkeypatch.undo()
+    assert checkpoint_problem(tmp_path / "checkpoint-6").startswith(
+        "trainer_state.json is missing")
+    capsys.readouterr()
+    # --resume: the torn checkpoint-6 is named and skipped. The resumed run starts from other
+    # initial weights, so only a real resume from checkpoint-3 (weights, optimizer, data
+    # position, RNG) can end where the uninterrupted run ended.
+    resumed_trainer, resumed = resumable_run(tmp_path, 7, resume=True)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert warning == [f"warning: {tmp_path / 'checkpoint-6'} is incomplete (trainer_state.json "
+                       "is missing (the save did not finish)); resuming from checkpoint-3 "
+                       "instead"]
     assert resumed_trainer.state.global_step == 6
     # steps 1-3 were not run again: the resumed trainer saw half the tokens
     assert resumed_trainer._tokens_seen * 2 == whole_trainer._tokens_seen > 0
@@ -155,6 +199,87 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), key
     last = [t.state.log_history[-2] for t in (whole_trainer, resumed_trainer)]
     assert last[0]["step"] == last[1]["step"] == 6 and last[0]["loss"] == last[1]["loss"]
+    assert checkpoint_problem(tmp_path / "checkpoint-6") is None  # saved again, whole
+
+
+def truncate(path):
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+TEARS = {  # what a kill or a full disk mid-save leaves, and what the check says about it
+    "truncated weights": (lambda c: truncate(c / "model.safetensors"),
+                          "model.safetensors has .* bytes, .* were saved"),
+    "missing trainer state": (lambda c: (c / "trainer_state.json").unlink(),
+                              "trainer_state.json is missing"),
+    "truncated optimizer": (lambda c: truncate(c / "optimizer.pt"),
+                            "optimizer.pt has .* bytes, .* were saved"),
+    "truncated tokenizer": (lambda c: truncate(c / "tokenizer.json"),
+                            "tokenizer.json has .* bytes"),
+}
+UNMARKED_TEARS = {  # the same without the completion marker (stock Trainer, older saves)
+    "truncated weights": (lambda c: truncate(c / "model.safetensors"),
+                          r"model.safetensors is truncated \(\d+ of \d+ bytes\)"),
+    "truncated trainer state": (lambda c: truncate(c / "trainer_state.json"),
+                                "trainer_state.json is truncated"),
+    "truncated optimizer": (lambda c: truncate(c / "optimizer.pt"),
+                            r"optimizer.pt is truncated \(not a whole zip archive\)"),
+    "missing optimizer": (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+    "truncated rng state": (lambda c: truncate(c / "rng_state.pth"), "rng_state.pth is trunc"),
+    "missing rng state": (lambda c: (c / "rng_state.pth").unlink(), "rng_state.pth is missing"),
+}
+
+
+def torn_copy(uninterrupted, tmp_path, tear, marked=True):
+    """checkpoint-3 (complete) and a torn checkpoint-6, copied from the uninterrupted run."""
+    source = uninterrupted[2]
+    for name in ("checkpoint-3", "checkpoint-6"):
+        shutil.copytree(source / name, tmp_path / name)
+    torn = tmp_path / "checkpoint-6"
+    if not marked:
+        (torn / COMPLETE_MARKER).unlink()
+    tear(torn)
+    return torn
+
+
+@pytest.mark.parametrize("kind", sorted(TEARS))
+def test_torn_checkpoint_with_marker_is_detected(tmp_path, uninterrupted, kind):
+    tear, reason = TEARS[kind]
+    torn = torn_copy(uninterrupted, tmp_path, tear)
+    assert re.match(reason, checkpoint_problem(torn))
+    assert resolve_resume(True, tmp_path, say=False) == str(tmp_path / "checkpoint-3")
+
+
+@pytest.mark.parametrize("kind", sorted(UNMARKED_TEARS))
+def test_torn_checkpoint_without_marker_is_detected(tmp_path, uninterrupted, kind):
+    tear, reason = UNMARKED_TEARS[kind]
+    torn = torn_copy(uninterrupted, tmp_path, tear, marked=False)
+    assert re.match(reason, checkpoint_problem(torn))
+    assert checkpoint_problem(tmp_path / "checkpoint-3") is None
+
+
+def test_complete_checkpoints_pass_with_and_without_marker(tmp_path, uninterrupted):
+    torn = torn_copy(uninterrupted, tmp_path, lambda c: None, marked=False)
+    assert checkpoint_problem(torn) is None
+    assert resolve_resume(True, tmp_path) == str(torn)
+    assert json.loads((uninterrupted[2] / "checkpoint-6" / COMPLETE_MARKER).read_text())[
+        "files"]["model.safetensors"] > 0
+
+
+def test_nothing_complete_to_resume_from_is_one_line_error(tmp_path, uninterrupted):
+    with pytest.raises(ValueError, match=r"no complete checkpoint .* \(no checkpoint-N dir"):
+        resolve_resume(True, tmp_path)
+    torn_copy(uninterrupted, tmp_path, TEARS["truncated weights"][0])
+    truncate(tmp_path / "checkpoint-3" / "optimizer.pt")
+    with pytest.raises(ValueError) as raised:
+        resolve_resume(True, tmp_path)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "checkpoint-6: model.safetensors has" in message
+    assert "checkpoint-3: optimizer.pt has" in message
+    with pytest.raises(ValueError, match="resume checkpoint .*checkpoint-6 is incomplete: "):
+        resolve_resume(str(tmp_path / "checkpoint-6"), tmp_path)
+    assert resolve_resume(None, tmp_path) is None
 
 
 def test_checkpoint_reloads_into_generate(tmp_path, capsys):

@@ -5,6 +5,8 @@
 // Includes c10/cuda headers only (the CUDA toolkit here has no cuBLAS headers, so
 // ATen/cuda/CUDAContext.h is out of reach; ATen's own mm brings cuBLAS).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -35,6 +37,13 @@ void check_launch(cudaError_t err, const char* what) {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+int32_t multiprocessors(c10::DeviceIndex device) {
+  int count = 0;
+  check_launch(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
+               "cudaDeviceGetAttribute(multiProcessorCount)");
+  return count;
+}
+
 struct CudaKernels {
   // Large chunks keep the GEMM wide enough to fill the GPU (N=64: 65536 columns per chunk).
   static constexpr int64_t kChunkBudgetElements = int64_t{1} << 22;
@@ -42,10 +51,15 @@ struct CudaKernels {
   static void row_statistics(const at::Tensor& logits, const ResidualParams& params,
                              at::Tensor& row_max, at::Tensor& row_log_norm, at::Tensor& alpha,
                              at::Tensor& status) {
+    const int32_t splits = cuda::statistics_splits(logits.size(0), logits.size(1),
+                                                   multiprocessors(logits.device().index()));
+    at::Tensor workspace = at::empty(
+        {logits.size(0) * splits * cuda::kStatisticsPartialFields}, row_max.options());
     cuda::StatisticsArgs args{logits.data_ptr(),
                               to_kernel_dtype(logits.scalar_type()),
                               logits.size(0),
                               logits.size(1),
+                              logits.stride(0),
                               params.inv_t_res,
                               params.temper_delta,
                               static_cast<int32_t>(params.strategy),
@@ -54,12 +68,22 @@ struct CudaKernels {
                               row_max.data_ptr<float>(),
                               row_log_norm.data_ptr<float>(),
                               alpha.data_ptr<float>(),
-                              status.data_ptr<int32_t>()};
+                              status.data_ptr<int32_t>(),
+                              splits,
+                              workspace.data_ptr<float>()};
     check_launch(cuda::launch_row_statistics(args, current_stream()), "row_statistics");
   }
 
   // One device-to-host copy per call: the op raises on bad rows instead of returning garbage.
-  static at::Tensor status_to_cpu(const at::Tensor& status) { return status.cpu(); }
+  // A stream being captured into a CUDA graph cannot copy to the host: there the check is left
+  // to the mix kernel, which writes NaN rows (as torch's own ops would propagate NaN).
+  static bool check_rows(const at::Tensor& status) {
+    if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+      return false;
+    }
+    raise_for_row_status(status.cpu());
+    return true;
+  }
 
   static void chunk_probabilities(const at::Tensor& logits, const at::Tensor& row_max,
                                   const at::Tensor& row_log_norm, const ResidualParams& params,
@@ -68,6 +92,7 @@ struct CudaKernels {
                                  to_kernel_dtype(logits.scalar_type()),
                                  logits.size(0),
                                  logits.size(1),
+                                 logits.stride(0),
                                  col0,
                                  probs.size(1),
                                  params.temper_delta ? params.inv_t_res : 1.0f,
@@ -83,6 +108,9 @@ struct CudaKernels {
   static void accumulate(at::Tensor& acc, const at::Tensor& probs,
                          const at::Tensor& embed_chunk) {
     if (embed_chunk.scalar_type() == at::kFloat) {
+      // addmm_ would follow torch.backends.cuda.matmul.allow_tf32 (10-bit mantissas, errors
+      // ~1e-3); the op promises float32 sums. ATen's own thread-local guard turns TF32 off.
+      const at::NoTF32Guard no_tf32;
       acc.addmm_(probs, embed_chunk);
     } else {
       acc.add_(at::mm(probs, embed_chunk, at::kFloat));
@@ -90,10 +118,15 @@ struct CudaKernels {
   }
 
   static void mix(const at::Tensor& acc, const at::Tensor& alpha, const at::Tensor& mask,
-                  at::Tensor& out) {
-    cuda::MixArgs args{acc.data_ptr<float>(), alpha.data_ptr<float>(), mask.data_ptr(),
-                       out.data_ptr(),        to_kernel_dtype(out.scalar_type()),
-                       acc.size(0),           acc.size(1)};
+                  const at::Tensor* unchecked_status, at::Tensor& out) {
+    cuda::MixArgs args{acc.data_ptr<float>(),
+                       alpha.data_ptr<float>(),
+                       mask.data_ptr(),
+                       out.data_ptr(),
+                       to_kernel_dtype(out.scalar_type()),
+                       acc.size(0),
+                       acc.size(1),
+                       unchecked_status ? unchecked_status->data_ptr<int32_t>() : nullptr};
     check_launch(cuda::launch_mix(args, current_stream()), "mix");
   }
 };

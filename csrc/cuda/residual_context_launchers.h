@@ -12,10 +12,11 @@ namespace rcd_ext::cuda {
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 struct StatisticsArgs {
-  const void* logits;  // [rows, vocab], row-major, contiguous
+  const void* logits;  // [rows, vocab], unit column stride, rows `row_stride` apart
   DType logits_dtype;
   int64_t rows;
   int64_t vocab;
+  int64_t row_stride;  // >= vocab: a column slice logits[:, :V] is read in place
   float inv_t_res;
   bool temper_delta;
   int32_t strategy;  // rcd_ext::Strategy
@@ -25,13 +26,22 @@ struct StatisticsArgs {
   float* row_log_norm;  // [rows]: log sum e^((z - max) k), k = 1 or 1 / t_res for delta
   float* alpha;         // [rows]
   int32_t* status;      // [rows]: rcd_ext::RowStatus
+  int32_t splits;       // blocks per row, from statistics_splits
+  float* workspace;     // [rows * splits * kStatisticsPartialFields] float32 partials
 };
+
+constexpr int64_t kStatisticsPartialFields = 6;
+
+// How many blocks share one row's statistics: a few rows of a large vocabulary (the usual
+// decoding step: N = 32-64, V = 126k-152k) would otherwise leave most SMs idle.
+int32_t statistics_splits(int64_t rows, int64_t vocab, int32_t multiprocessors);
 
 struct ProbabilitiesArgs {
   const void* logits;
   DType logits_dtype;
   int64_t rows;
   int64_t vocab;
+  int64_t row_stride;
   int64_t col0;   // first vocabulary column of the chunk
   int64_t width;  // columns in the chunk
   float k;        // 1, or 1 / t_res when temper_delta
@@ -50,6 +60,9 @@ struct MixArgs {
   DType dtype;         // of mask and out
   int64_t rows;
   int64_t dim;
+  // null when the host has checked every row; otherwise (inside a CUDA graph capture, where the
+  // host cannot look) rows whose status is not ok come out as NaN instead of an error
+  const int32_t* status;
 };
 
 // Each returns the launch's cudaError_t (cudaSuccess when fine).

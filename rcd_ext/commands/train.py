@@ -7,11 +7,27 @@
 
 Multi-GPU: `accelerate launch -m rcd_ext train ...` or
 `torchrun --nproc_per_node 8 -m rcd_ext train ... --fsdp "full_shard auto_wrap"`.
+
+Every argument is checked before a model loads or trains (`check_arguments`): a wrong one is
+one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from rcd_ext.commands._model_source import resolve_model_source
+from rcd_ext.commands._task_names import check_task_name
+from rcd_ext.commands._usage import (
+    UsageError,
+    check_output_dir,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,26 +47,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--residual-source", choices=("same", "previous-step", "self"),
                         default="previous-step")
-    parser.add_argument("--no-residual-fraction", type=float, default=0.1,
+    parser.add_argument("--no-residual-fraction", type=fraction, default=0.1,
                         help="share of rows trained with plain [M] inputs (stage rcd)")
-    parser.add_argument("--eps", type=float, default=1e-3, help="t ~ U(eps, 1)")
+    parser.add_argument("--eps", type=positive_float, default=1e-3, help="t ~ U(eps, 1)")
     parser.add_argument("--no-eos", action="store_true",
                         help="do not append EOS to JSONL/dataset responses")
     parser.add_argument("--trust-remote-code", action="store_true")
     tiny = parser.add_argument_group("fresh tiny model (--model tiny)")
-    tiny.add_argument("--hidden-size", type=int, default=64)
-    tiny.add_argument("--layers", type=int, default=2)
-    tiny.add_argument("--heads", type=int, default=4)
+    tiny.add_argument("--hidden-size", type=positive_int, default=64)
+    tiny.add_argument("--layers", type=positive_int, default=2)
+    tiny.add_argument("--heads", type=positive_int, default=4)
     hf = parser.add_argument_group("Trainer (transformers.TrainingArguments)")
-    hf.add_argument("--max-steps", type=int, default=1000)
-    hf.add_argument("--batch-size", type=int, default=128, help="per device")
-    hf.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    hf.add_argument("--learning-rate", type=float, default=3e-3)
-    hf.add_argument("--warmup-steps", type=int, default=100)
+    hf.add_argument("--max-steps", type=positive_int, default=1000)
+    hf.add_argument("--batch-size", type=positive_int, default=128, help="per device")
+    hf.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    hf.add_argument("--learning-rate", type=positive_float, default=3e-3)
+    hf.add_argument("--warmup-steps", type=nonnegative_int, default=100)
     hf.add_argument("--lr-scheduler", default="constant_with_warmup")
-    hf.add_argument("--weight-decay", type=float, default=0.01)
-    hf.add_argument("--save-steps", type=int, default=500)
-    hf.add_argument("--logging-steps", type=int, default=50)
+    hf.add_argument("--weight-decay", type=nonnegative_float, default=0.01)
+    hf.add_argument("--save-steps", type=positive_int, default=500)
+    hf.add_argument("--logging-steps", type=positive_int, default=50)
     hf.add_argument("--seed", type=int, default=0)
     hf.add_argument("--bf16", action="store_true")
     hf.add_argument("--fsdp", default="", help="TrainingArguments.fsdp, e.g. 'full_shard "
@@ -63,31 +79,84 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def check_data(spec: str) -> None:
+    """UsageError unless --data is task:KNOWN_NAME[...] or an existing file or folder."""
+    if spec.startswith("task:"):
+        check_task_name("--data", spec, spec.split(":", 2)[1])
+        return
+    if not Path(spec).expanduser().exists():
+        raise UsageError(f"--data {spec}: no such file or directory (give a .jsonl file, a "
+                         "saved HF dataset folder or task:NAME)")
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """UsageError for numbers argparse cannot judge one at a time."""
+    if not args.eps < 1.0:
+        raise UsageError(f"--eps {args.eps}: t is drawn from U(eps, 1), so eps must be < 1 "
+                         "(the default is 1e-3)")
+    if args.model == "tiny" and args.hidden_size % args.heads:
+        raise UsageError(f"--hidden-size {args.hidden_size} is not a multiple of --heads "
+                         f"{args.heads} (choose sizes that divide)")
+
+
+def check_scheduler(name: str) -> None:
+    """UsageError unless transformers knows the --lr-scheduler `name`."""
+    from transformers.trainer_utils import SchedulerType
+
+    known = [kind.value for kind in SchedulerType]
+    if name not in known:
+        raise UsageError(f"--lr-scheduler {name}: unknown schedule (use one of "
+                         f"{', '.join(known)})")
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[str, str | None]:
+    """Every check that needs no model: (model source or 'tiny', reference source or None)."""
+    needs_reference = args.stage == "rcd" and args.residual_source != "self"
+    if needs_reference and not args.reference:
+        raise UsageError(f"--stage rcd --residual-source {args.residual_source} needs "
+                         "--reference (give the stage-1 checkpoint, or --residual-source self)")
+    model = args.model or (args.reference if args.stage == "rcd" else None)
+    if model is None:
+        raise UsageError("--model is required (a checkpoint, or 'tiny' with --data task:NAME)")
+    check_data(args.data)
+    if model == "tiny" and not args.data.startswith("task:"):
+        raise UsageError("--model tiny builds its vocabulary from a task (use --data task:NAME)")
+    check_numbers(args)
+    check_output_dir("--output-dir", args.output_dir)
+    if isinstance(args.resume, str) and not Path(args.resume).expanduser().is_dir():
+        raise UsageError(f"--resume {args.resume}: no such checkpoint folder (give a "
+                         "checkpoint-N folder, or --resume alone for the last in --output-dir)")
+    option = "--model" if args.model else "--reference"
+    model_source = model if model == "tiny" else resolve_model_source(option, model)
+    reference_source = None
+    if args.reference and args.stage == "rcd":
+        reference_source = resolve_model_source("--reference", args.reference)
+    check_scheduler(args.lr_scheduler)  # it imports transformers
+    if args.resume:  # a torn or missing checkpoint is named before the model loads
+        from rcd_ext.training.checkpoint_integrity import resolve_resume
+
+        try:
+            resolve_resume(args.resume, args.output_dir, say=False)
+        except ValueError as error:
+            raise UsageError(f"--resume: {error}") from None
+    return model_source, reference_source
+
+
 def run(args: argparse.Namespace) -> int:
+    model_source, reference_source = check_arguments(args)
     from rcd_ext.training import DiffusionArguments, build_tiny_model, train
     from rcd_ext.training.trainer import load_trainable
 
     diffusion = DiffusionArguments(stage=args.stage, residual_source=args.residual_source,
                                    no_residual_fraction=args.no_residual_fraction, eps=args.eps)
-    needs_reference = args.stage == "rcd" and args.residual_source != "self"
-    if needs_reference and not args.reference:
-        raise SystemExit(f"rcd train: --stage rcd --residual-source {args.residual_source} "
-                         "needs --reference")
-    model_path = args.model or (args.reference if args.stage == "rcd" else None)
-    if model_path is None:
-        raise SystemExit("rcd train: --model is required (a checkpoint, or 'tiny' with "
-                         "--data task:NAME)")
-    if model_path == "tiny":
-        if not args.data.startswith("task:"):
-            raise SystemExit("rcd train: --model tiny builds its vocabulary from a task; use "
-                             "--data task:NAME")
+    if model_source == "tiny":
         model, tokenizer = build_tiny_model(args.data, args.hidden_size, args.layers, args.heads,
                                             seed=args.seed)
     else:
-        model, tokenizer = load_trainable(model_path, args.trust_remote_code)
+        model, tokenizer = load_trainable(model_source, args.trust_remote_code)
     reference = None
-    if args.reference and args.stage == "rcd":
-        reference, reference_tokenizer = load_trainable(args.reference, args.trust_remote_code)
+    if reference_source:
+        reference, reference_tokenizer = load_trainable(reference_source, args.trust_remote_code)
         from rcd_ext.training import check_same_tokenizer
 
         check_same_tokenizer(model, reference, tokenizer, reference_tokenizer)

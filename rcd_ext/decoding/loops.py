@@ -84,6 +84,13 @@ def _commit(x: torch.Tensor, start: int, end: int, logits: torch.Tensor, mask_id
     return chosen
 
 
+def _read_counts(chosen: torch.Tensor, block: torch.Tensor, mask_id: int) -> tuple[int, int]:
+    """(positions committed by the step, positions of the block still masked): one read back
+    to the host per step instead of one per number."""
+    committed, remaining = torch.stack([chosen.sum(), (block == mask_id).sum()]).tolist()
+    return committed, remaining
+
+
 def _all_rows_done(x: torch.Tensor, gen_start: int | torch.Tensor, end: int,
                    eos_id: int | None) -> bool:
     """Whether every row holds EOS in its generated columns gen_start..end-1 (gen_start: one
@@ -121,9 +128,10 @@ def semi_autoregressive(
     for block_index in range(num_blocks):
         start = prompt_length + block_index * block_length
         end = start + block_length
-        schedule = transfer_schedule((x[:, start:end] == mask_id).sum(1), steps_per_block)
-        step, kept_cache = 0, None
-        while bool((x[:, start:end] == mask_id).any()):
+        masked = (x[:, start:end] == mask_id).sum(1)
+        schedule = transfer_schedule(masked, steps_per_block)
+        step, kept_cache, remaining = 0, None, int(masked.sum())
+        while remaining:
             if cache == "none" or step == 0:
                 output = runner(x, **adapter.full_forward_kwargs(cache))
                 logits = adapter.logits(output)[:, start:end]
@@ -141,10 +149,11 @@ def semi_autoregressive(
             counters.forwards += 1
             chosen = _commit(x, start, end, logits, mask_id, step, schedule, sampling)
             counters.steps += 1
-            counters.committed += int(chosen.sum())
-            counters.per_step_committed.append(int(chosen.sum()))
             if on_step is not None:
                 on_step(block_index, step, start, end, chosen)
+            committed, remaining = _read_counts(chosen, x[:, start:end], mask_id)
+            counters.committed += committed
+            counters.per_step_committed.append(committed)
             step += 1
         counters.blocks += 1
         if stop_at_eos and _all_rows_done(x, prompt_length, end, adapter.eos_id):
@@ -182,18 +191,20 @@ def block_diffusion(
         counters.forwards += 1
     for block_index in range(first_block, num_blocks):
         start, end = block_index * block_length, (block_index + 1) * block_length
-        schedule = transfer_schedule((x[:, start:end] == mask_id).sum(1), steps_per_block)
-        step = 0
-        while bool((x[:, start:end] == mask_id).any()):
+        masked = (x[:, start:end] == mask_id).sum(1)
+        schedule = transfer_schedule(masked, steps_per_block)
+        step, remaining = 0, int(masked.sum())
+        while remaining:
             output = runner(x[:, start:end], **adapter.denoise_kwargs(cache, start, end))
             counters.forwards += 1
             chosen = _commit(x, start, end, adapter.logits(output), mask_id, step, schedule,
                              sampling)
             counters.steps += 1
-            counters.committed += int(chosen.sum())
-            counters.per_step_committed.append(int(chosen.sum()))
             if on_step is not None:
                 on_step(block_index - first_block, step, start, end, chosen)
+            committed, remaining = _read_counts(chosen, x[:, start:end], mask_id)
+            counters.committed += committed
+            counters.per_step_committed.append(committed)
             step += 1
         counters.blocks += 1
         last = block_index + 1 == num_blocks

@@ -5,7 +5,8 @@
   plain, positions still masked after the step show a shade glyph and the alpha of the residual
   they were given as input to that step (the init strategy's on a block's first line).
 - `trace_records`: the same as JSON-ready dicts.
-- `plot_steps`: a PNG heat map (steps x positions, colour = alpha, committed tokens written in).
+- `plot_steps`: a PNG heat map (steps x positions, colour = alpha, committed tokens written in),
+  written atomically (`rcd_ext.atomic_files`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rcd_ext.atomic_files import save_figure_atomic
 from rcd_ext.decoding.generation import StepTrace
 
 SHADES = " ░▒▓█"
@@ -137,7 +139,7 @@ def plot_steps(trace: Sequence[StepTrace], mask_id: int, path: str | Path, *, ro
                                                        max(1, (last - first) // 16))])
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure_atomic(fig, path, dpi=120)  # a failed save keeps the previous PNG
+    finally:
+        plt.close(fig)

@@ -58,7 +58,9 @@ def train_checkpoints(directory: Path, task: str = "task:coupled_choices", stage
     }
     for name, arguments in commands.items():
         began = time.perf_counter()
-        main(["train", *arguments, *common, "--output-dir", str(directory / name)])
+        command = ["train", *arguments, *common, "--output-dir", str(directory / name)]
+        if main(command) != 0:  # the CLI reports its own error and returns 2
+            raise RuntimeError(f"training the demo's {name} model failed: rcd {' '.join(command)}")
         for resumable in (directory / name).glob("checkpoint-*"):
             # Trainer's end-of-run checkpoint (weights + optimizer): the demo needs the weights
             shutil.rmtree(resumable)

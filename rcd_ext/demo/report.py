@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rcd_ext.atomic_files import save_figure_atomic
+
 Record = dict[str, Any]
 VARIANTS = (("seqd", None, "SeqD"), ("rcd", "warm", "RCD warm"), ("rcd", "cold", "RCD cold"))
 
@@ -139,8 +141,10 @@ def plot(records: list[Record], path: Path, title: str) -> None:
         axis.legend(fontsize=7)
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        save_figure_atomic(figure, path, dpi=110)
+    finally:
+        plt.close(figure)
 
 
 def _steps_taken(record: Record) -> float:

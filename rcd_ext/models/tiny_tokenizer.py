@@ -3,18 +3,28 @@
 Layout of the vocabulary (fixed, so that ids are predictable without building a tokenizer):
 ids 0..4 are the special tokens ``[PAD] [MASK] [EOS] [BOS] [UNK]`` and id 5 + i is
 ``symbols[i]``. Text is split on whitespace only, every symbol is one token, encoding adds no
-special tokens, and decoding joins tokens with single spaces.
+special tokens, and decoding joins tokens with single spaces. A word outside the symbols becomes
+``[UNK]``: `unknown_words` finds such words and `check_known_words` warns about them (or refuses).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["SPECIAL_TOKENS", "build_tiny_tokenizer", "tiny_vocab"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "UnknownWordsWarning",
+    "build_tiny_tokenizer",
+    "check_known_words",
+    "describe_unknown_words",
+    "tiny_vocab",
+    "unknown_words",
+]
 
 PAD, MASK, EOS, BOS, UNK = "[PAD]", "[MASK]", "[EOS]", "[BOS]", "[UNK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, MASK, EOS, BOS, UNK)
@@ -63,3 +73,61 @@ def build_tiny_tokenizer(
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
+
+
+class UnknownWordsWarning(UserWarning):
+    """Text had words the tokenizer does not know; the model sees its unknown token instead."""
+
+
+def unknown_words(tokenizer: Any, texts: Iterable[str]) -> list[str]:
+    """Distinct pieces of `texts` that `tokenizer` encodes as its unknown token, first seen first.
+
+    Works for any tokenizer with ``unk_token_id``: fast tokenizers map each unknown token back
+    to its text through offsets; others are asked word by word (whitespace split).
+    """
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    if unk_id is None:
+        return []
+    found: dict[str, None] = {}  # an ordered set
+    for text in texts:
+        for piece in _unknown_pieces(tokenizer, text, unk_id):
+            found.setdefault(piece, None)
+    return list(found)
+
+
+def _unknown_pieces(tokenizer: Any, text: str, unk_id: int) -> list[str]:
+    if getattr(tokenizer, "is_fast", False):
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [text[start:end] for token, (start, end)
+                in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
+                if token == unk_id]
+    return [word for word in text.split()
+            if unk_id in tokenizer(word, add_special_tokens=False)["input_ids"]]
+
+
+def check_known_words(tokenizer: Any, texts: Iterable[str], *, refuse: bool = False,
+                      shown: int = 5) -> list[str]:
+    """Warn once (`UnknownWordsWarning`) about words `tokenizer` does not know, or raise.
+
+    Returns the unknown words (empty when all are known). The message names the first `shown`
+    words and how many there are. `refuse=True` raises ``ValueError`` with that message instead
+    (as does ``warnings.simplefilter("error", UnknownWordsWarning)``).
+    """
+    unknown = unknown_words(tokenizer, texts)
+    if unknown:
+        message = describe_unknown_words(unknown, getattr(tokenizer, "unk_token", None), shown)
+        if refuse:
+            raise ValueError(message)
+        warnings.warn(message, UnknownWordsWarning, stacklevel=2)
+    return unknown
+
+
+def describe_unknown_words(unknown: Sequence[str], unk_token: str | None = UNK,
+                           shown: int = 5) -> str:
+    """One line: how many words are unknown, the first `shown` of them, what they become."""
+    listed = ", ".join(repr(word) for word in unknown[:shown])
+    more = f" and {len(unknown) - shown} more" if len(unknown) > shown else ""
+    subject = "word is" if len(unknown) == 1 else "words are"
+    verb = "becomes" if len(unknown) == 1 else "become"
+    return (f"{len(unknown)} {subject} not in the tokenizer's vocabulary and {verb} "
+            f"{unk_token or 'the unknown token'}: {listed}{more}")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from rcd_ext.atomic_files import write_text_atomic
 from rcd_ext.models.tiny_tokenizer import build_tiny_tokenizer, tiny_vocab
 
 if TYPE_CHECKING:
@@ -293,10 +294,10 @@ class Task(ABC):
             pairs = list(zip(prompts, answers, strict=True))
         else:
             raise ValueError(f"split={split!r}: expected 'train' or 'test'")
-        with open(path, "w", encoding="utf-8") as handle:
-            for prompt, answer in pairs:
-                record = {"prompt": self.prompt_text(prompt), "response": self.answer_text(answer)}
-                handle.write(json.dumps(record) + "\n")
+        lines = [json.dumps({"prompt": self.prompt_text(prompt),
+                             "response": self.answer_text(answer)}) + "\n"
+                 for prompt, answer in pairs]
+        write_text_atomic(path, "".join(lines))  # whole or not at all: a full disk keeps the old
 
     # --- tokenizer ----------------------------------------------------------------------------
     def build_tokenizer(self) -> PreTrainedTokenizerFast:

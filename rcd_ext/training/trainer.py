@@ -8,7 +8,6 @@ together; `rcd train` is its command line.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from rcd_ext.atomic_files import write_json_atomic
+from rcd_ext.training.checkpoint_integrity import (
+    COMPLETE_MARKER,
+    resolve_resume,
+    write_complete_marker,
+)
 from rcd_ext.training.data import DiffusionCollator, load_training_data, parse_task_spec
 from rcd_ext.training.objective import RESIDUAL_SOURCES, diffusion_loss, draw_noise
 
@@ -102,6 +107,29 @@ class DiffusionTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._tokens_seen = 0
         self._rate_mark = (time.perf_counter(), 0)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
+              **kwargs: Any) -> Any:
+        """`Trainer.train`, but resume=True skips a torn last checkpoint (killed or full disk
+        mid-save) for the newest complete one, saying so; see `checkpoint_integrity`."""
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir,
+                                say=self.args.process_index == 0)
+        return super().train(resume, *args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The stock save, then (process 0, after every rank wrote its files) fsync all of it
+        and write the completion marker last."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        checkpoint = Path(self._get_output_dir(trial=trial),
+                          f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            # a marker left by an earlier save of this step must not vouch for this one
+            (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save and checkpoint.is_dir():
+            write_complete_marker(checkpoint)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor],
                      return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
@@ -201,5 +229,5 @@ def train(*, data: str, output_dir: str, diffusion: DiffusionArguments,
                   "learning_rate": args.learning_rate,
                   "batch_size": args.per_device_train_batch_size * args.world_size
                   * args.gradient_accumulation_steps, "seed": args.seed}
-        Path(output_dir, "rcd_training.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(Path(output_dir, "rcd_training.json"), record)
     return trainer

@@ -86,6 +86,21 @@ inline ResidualParams check_and_make_params(const at::Tensor& logits,
                         static_cast<float>(std::log(static_cast<double>(vocab)))};
 }
 
+// alpha from a row's entropy by the strategy (CPU kernels; the CUDA kernels mirror it)
+inline float alpha_from_entropy(double entropy, const ResidualParams& p) {
+  const double log_vocab = static_cast<double>(p.log_vocab);
+  const double normalized = std::clamp(entropy, 0.0, log_vocab) / log_vocab;
+  switch (p.strategy) {
+    case Strategy::kEntropy:
+      return static_cast<float>(p.alpha_scale * normalized);
+    case Strategy::kConfidence:
+      return static_cast<float>(p.alpha_scale * (1.0 - normalized));
+    case Strategy::kFixed:
+      return p.alpha_scale;
+  }
+  return p.alpha_scale;
+}
+
 // Raises the error for the first row whose status is not kRowOk. `status` is int32 on the CPU.
 inline void raise_for_row_status(const at::Tensor& status_cpu) {
   const int32_t* s = status_cpu.data_ptr<int32_t>();

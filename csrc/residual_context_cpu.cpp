@@ -41,20 +41,6 @@ void for_each_float_tile(const T* row, int64_t vocab, float* scratch, Fn&& fn) {
   }
 }
 
-float alpha_from_entropy(double entropy, const ResidualParams& p) {
-  const double normalized = std::clamp(entropy, 0.0, static_cast<double>(p.log_vocab)) /
-                            static_cast<double>(p.log_vocab);
-  switch (p.strategy) {
-    case Strategy::kEntropy:
-      return static_cast<float>(p.alpha_scale * normalized);
-    case Strategy::kConfidence:
-      return static_cast<float>(p.alpha_scale * (1.0 - normalized));
-    case Strategy::kFixed:
-      return p.alpha_scale;
-  }
-  return p.alpha_scale;
-}
-
 template <typename T>
 void row_statistics_typed(const at::Tensor& logits, const ResidualParams& params,
                           at::Tensor& row_max, at::Tensor& row_log_norm, at::Tensor& alpha,

@@ -48,20 +48,6 @@ struct RowResult {
   float alpha;
 };
 
-float alpha_from_entropy(double entropy, const ResidualParams& p) {
-  const double log_vocab = static_cast<double>(p.log_vocab);
-  const double normalized = std::clamp(entropy, 0.0, log_vocab) / log_vocab;
-  switch (p.strategy) {
-    case Strategy::kEntropy:
-      return static_cast<float>(p.alpha_scale * normalized);
-    case Strategy::kConfidence:
-      return static_cast<float>(p.alpha_scale * (1.0 - normalized));
-    case Strategy::kFixed:
-      return p.alpha_scale;
-  }
-  return p.alpha_scale;
-}
-
 // The single pass over one row: statistics and the top k (left in `selector`).
 template <typename T>
 RowResult scan_row(const T* row, int64_t vocab, const ResidualParams& params,

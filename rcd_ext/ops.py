@@ -135,15 +135,25 @@ def _self_check_exact(device: torch.device) -> str | None:
         logits = logits[:, :9000] if strided else logits[:, :9000].contiguous()
         table = table.to(device, table_dtype)
         args = (logits, table, table[3], 0.8, temper_delta, "entropy", 1.0)
-        got_embeds, got_alpha = _exact_kernel(*args)
-        want_embeds, want_alpha = residual_context_reference(*args)
-        alpha_error = (got_alpha.float() - want_alpha).abs().max().item()
-        embed_error = (got_embeds.float() - want_embeds.float()).abs().max().item()
-        scale = max(1.0, want_embeds.float().abs().max().item())
-        if not (alpha_error <= 1e-3 and embed_error <= _SELF_CHECK_TOLERANCE[table_dtype] * scale):
-            return (f"{logit_dtype} logits, {table_dtype} table: max |kernel - reference| "
-                    f"{embed_error:.3g} (embeds), {alpha_error:.3g} (alpha)")
+        failure = _disagreement(_exact_kernel(*args), residual_context_reference(*args),
+                                f"{logit_dtype} logits, {table_dtype} table")
+        if failure:
+            return failure
     return None
+
+
+def _disagreement(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor],
+                  case: str) -> str | None:
+    """None when a kernel's (embeds, alpha) match the reference's within the self-check
+    tolerance of the table's dtype, else what differed in `case`."""
+    (got_embeds, got_alpha), (want_embeds, want_alpha) = got, want
+    alpha_error = (got_alpha.float() - want_alpha.float()).abs().max().item()
+    embed_error = (got_embeds.float() - want_embeds.float()).abs().max().item()
+    scale = max(1.0, want_embeds.float().abs().max().item())
+    if alpha_error <= 1e-3 and embed_error <= _SELF_CHECK_TOLERANCE[want_embeds.dtype] * scale:
+        return None
+    return (f"{case}: max |kernel - reference| {embed_error:.3g} (embeds), "
+            f"{alpha_error:.3g} (alpha)")
 
 
 kernel_self_check.register_self_check("residual_context", _self_check_exact)
@@ -399,14 +409,11 @@ def _self_check_top_k(device: torch.device) -> str | None:
         logits = logits[:, :9000] if strided else logits[:, :9000].contiguous()
         table_sum = table[:9000].double().sum(0).float()
         args = (logits, table, table[3], 0.8, temper_delta, "entropy", 1.0)
-        got_embeds, got_alpha = _top_k_kernel(*args[:3], table_sum, *args[3:], k)
-        want_embeds, want_alpha = residual_context_top_k_reference(*args, residual_top_k=k)
-        alpha_error = (got_alpha.float() - want_alpha).abs().max().item()
-        embed_error = (got_embeds.float() - want_embeds.float()).abs().max().item()
-        scale = max(1.0, want_embeds.float().abs().max().item())
-        if not (alpha_error <= 1e-3 and embed_error <= _SELF_CHECK_TOLERANCE[table_dtype] * scale):
-            return (f"{logit_dtype} logits, {table_dtype} table, k={k}: max |kernel - reference| "
-                    f"{embed_error:.3g} (embeds), {alpha_error:.3g} (alpha)")
+        failure = _disagreement(_top_k_kernel(*args[:3], table_sum, *args[3:], k),
+                                residual_context_top_k_reference(*args, residual_top_k=k),
+                                f"{logit_dtype} logits, {table_dtype} table, k={k}")
+        if failure:
+            return failure
     return None
 
 

@@ -11,29 +11,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/glue_common.h"
 #include "cuda/residual_context_launchers.h"
 #include "residual_context.h"
 
 namespace rcd_ext {
 namespace {
-
-cuda::DType to_kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "unsupported dtype ", t);
-  }
-}
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "rcd_ext: CUDA launch of ", what, " failed: ",
-              cudaGetErrorString(err));
-}
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

@@ -11,25 +11,13 @@
 #include <cstdint>
 #include <string>
 
+#include "cuda/glue_common.h"
 #include "cuda/residual_context_top_k_launchers.h"
 #include "residual_context.h"
 #include "residual_context_top_k.h"
 
 namespace rcd_ext {
 namespace {
-
-cuda::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "unsupported dtype ", t);
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> residual_context_top_k_cuda(
     const at::Tensor& logits_in, const at::Tensor& embed_weight_in, const at::Tensor& mask_in,
@@ -59,13 +47,13 @@ std::tuple<at::Tensor, at::Tensor> residual_context_top_k_cuda(
   const at::Tensor table_sum = table_sum_in.contiguous();
   at::Tensor status = at::empty({rows}, alpha.options().dtype(at::kInt));
   const cuda::TopKResidualArgs args{logits.data_ptr(),
-                                    kernel_dtype(logits.scalar_type()),
+                                    to_kernel_dtype(logits.scalar_type()),
                                     rows,
                                     vocab,
                                     logits.stride(0),
                                     table.data_ptr(),
                                     mask.data_ptr(),
-                                    kernel_dtype(table.scalar_type()),
+                                    to_kernel_dtype(table.scalar_type()),
                                     table.stride(0),
                                     table.size(1),
                                     table_sum.data_ptr<float>(),
@@ -80,8 +68,7 @@ std::tuple<at::Tensor, at::Tensor> residual_context_top_k_cuda(
                                     status.data_ptr<int32_t>()};
   const cudaError_t err =
       cuda::launch_top_k_residual(args, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "rcd_ext: CUDA launch of top_k_residual failed: ",
-              cudaGetErrorString(err));
+  check_launch(err, "top_k_residual");
   // One device-to-host copy per call so that bad rows raise, as on the CPU. A stream being
   // captured into a CUDA graph cannot copy to the host: there bad rows come out NaN instead.
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/device_common.cuh"
 #include "cuda/residual_context_top_k_launchers.h"
 
 namespace rcd_ext::cuda {
@@ -28,59 +29,8 @@ constexpr int kItems = 4;
 constexpr int kTileValues = kThreads * kItems;
 constexpr int kCapacity = 4096;  // >= kMaxTopK + kTileValues, a power of two
 static_assert(kCapacity >= kMaxTopK + kTileValues, "the candidate buffer must hold k + a tile");
-constexpr int kWarp = 32;
-constexpr float kLowestExponent = -104.0f;  // e^y is 0 below; avoids 0 * -inf in e^y * y
 constexpr int32_t kNoColumn = 0x7fffffff;   // padding: ranks after every real candidate
 
-// Mirror rcd_ext::Strategy and rcd_ext::RowStatus (csrc/residual_context.h).
-constexpr int32_t kStrategyEntropy = 0;
-constexpr int32_t kStrategyConfidence = 1;
-constexpr int32_t kRowOk = 0;
-constexpr int32_t kRowNaN = 1;
-constexpr int32_t kRowPosInf = 2;
-constexpr int32_t kRowNoFiniteLogit = 3;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
-
-struct MaxOp {
-  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-struct SumOp {
-  __device__ float operator()(float a, float b) const { return a + b; }
-};
-
-// Reduces over the block; every thread gets the result. `scratch` holds one float per warp.
-template <typename Op>
-__device__ float block_reduce(float v, Op op, float* scratch, float identity) {
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  }
-  __syncthreads();  // scratch may still be read by a previous reduction
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>(blockDim.x / kWarp) ? scratch[lane] : identity;
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  }
-  return v;
-}
 
 // sum e^y and sum e^y y with y = (x - m) k, relative to this thread's running maximum m.
 struct ExpSums {
@@ -168,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
                           float alpha_scale, float log_vocab, int k, E* __restrict__ out,
                           float* __restrict__ alpha_out, int32_t* __restrict__ status_out) {
   __shared__ Candidates cand;
-  __shared__ float scratch[kThreads / kWarp];
+  __shared__ float scratch[kThreads / kWarpSize];
   const int64_t row = blockIdx.x;
   const T* z = logits + row * row_stride;
   const float prob_k = temper_delta ? inv_t_res : 1.0f;
@@ -278,20 +228,6 @@ __global__ void __launch_bounds__(kThreads)
     const float delta = head + tail_mass * ((table_sum[d] - picked) * inv_tail_rows);
     out[row * dim + d] = from_float<E>((1.0f - a) * to_float(mask[d]) + a * delta);
   }
-}
-
-// Calls fn with a null pointer of the C++ type that `dtype` names.
-template <typename Fn>
-cudaError_t with_type(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return fn(static_cast<float*>(nullptr));
-    case DType::kBFloat16:
-      return fn(static_cast<__nv_bfloat16*>(nullptr));
-    case DType::kFloat16:
-      return fn(static_cast<__half*>(nullptr));
-  }
-  return cudaErrorInvalidValue;
 }
 
 }  // namespace

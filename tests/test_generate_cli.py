@@ -86,3 +86,24 @@ def test_cli_reports_bad_input(checkpoints, capsys, extra, message):
     argv = ["generate", "--model", checkpoints["target"], "--prompt", "a b", *ARGS, *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_python_generate_names_unknown_prompt_words(checkpoints):
+    from rcd_ext.models.adapters import load_model
+    from rcd_ext.models.tiny_tokenizer import UnknownWordsWarning
+
+    model, tokenizer = load_model(checkpoints["target"])
+    with pytest.warns(UnknownWordsWarning, match="'zebra'"):
+        generate(model, ["a b zebra"], tokenizer=tokenizer, gen_length=4, block_length=4,
+                 steps=4, progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownWordsWarning)  # known words: no warning
+        generate(model, ["a b c"], tokenizer=tokenizer, gen_length=4, block_length=4, steps=4,
+                 progress=False)
+
+
+def test_cli_warns_about_unknown_words_once(checkpoints, capsys):
+    assert main(["generate", "--model", checkpoints["target"], "--prompt", "a zebra", *ARGS]) == 0
+    err = capsys.readouterr().err
+    assert err.count("'zebra'") == 1

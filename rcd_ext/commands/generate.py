@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     from rcd_ext.decoding.generation import generate
     from rcd_ext.decoding.step_view import trace_records
     from rcd_ext.models.adapters import get_adapter, load_model
+    from rcd_ext.models.tiny_tokenizer import UnknownWordsWarning
 
     model, tokenizer = load_model(model_source, trust_remote_code=args.trust_remote_code,
                                   torch_dtype=DTYPES[args.dtype], device=device)
@@ -198,19 +200,21 @@ def run(args: argparse.Namespace) -> int:
     want_trace = args.show_steps or bool(args.steps_out)
     adapter = get_adapter(model, tokenizer, mask_id=args.mask_id,
                           require_embeddings=not args.seqd)
-    result = generate(
-        model, prompts, tokenizer=tokenizer, gen_length=args.gen_length,
-        block_length=args.block_length, steps=args.steps, remasking=args.remasking,
-        threshold=args.threshold, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, cache=args.cache, rcd=not args.seqd, ref_model=ref_model,
-        ref_tokenizer=ref_tokenizer, init=init, t_res=args.t_res,
-        temper_delta=args.temper_delta, strategy=args.strategy,
-        alpha_scale=args.alpha_scale, scope=args.scope,
-        residual_top_k=args.residual_top_k, stop_at_eos=not args.no_stop_at_eos,
-        seed=args.seed, mask_id=args.mask_id,
-        chat_template=args.chat_template, trace=want_trace, progress=not args.quiet,
-        adapter=adapter,
-    )
+    with warnings.catch_warnings():  # check_prompt_words has told the user already
+        warnings.simplefilter("ignore", UnknownWordsWarning)
+        result = generate(
+            model, prompts, tokenizer=tokenizer, gen_length=args.gen_length,
+            block_length=args.block_length, steps=args.steps, remasking=args.remasking,
+            threshold=args.threshold, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, cache=args.cache, rcd=not args.seqd, ref_model=ref_model,
+            ref_tokenizer=ref_tokenizer, init=init, t_res=args.t_res,
+            temper_delta=args.temper_delta, strategy=args.strategy,
+            alpha_scale=args.alpha_scale, scope=args.scope,
+            residual_top_k=args.residual_top_k, stop_at_eos=not args.no_stop_at_eos,
+            seed=args.seed, mask_id=args.mask_id,
+            chat_template=args.chat_template, trace=want_trace, progress=not args.quiet,
+            adapter=adapter,
+        )
     method = "SeqD" if args.seqd else f"RCD (init {init})"
     if args.json:
         print(json.dumps({"method": method, "prompts": prompts, "text": result.text,

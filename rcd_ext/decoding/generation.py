@@ -171,6 +171,13 @@ def _prompt_ids(prompt: Any, tokenizer: Any, chat_template: bool) -> list[list[i
                     tokenize=True)))
             else:
                 rows.append(list(tokenizer(text)["input_ids"]))
+        unk_id = getattr(tokenizer, "unk_token_id", None)
+        if unk_id is not None and any(unk_id in row for row in rows):
+            # the prompt silently loses words otherwise; naming them costs a second tokenisation,
+            # paid only when an unknown token is there
+            from rcd_ext.models.tiny_tokenizer import check_known_words
+
+            check_known_words(tokenizer, prompt)
         return rows
     if isinstance(prompt, Sequence) and prompt and all(isinstance(p, int) for p in prompt):
         return [list(prompt)]

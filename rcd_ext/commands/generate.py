@@ -101,9 +101,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-FLOAT32_MAX = 3.4028234663852886e38  # 1 / t_res must stay finite in float32 (rcd_ext.op_checks)
-
-
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
@@ -132,9 +129,11 @@ def check_decoding(args: argparse.Namespace) -> None:
         raise UsageError(f"--steps {args.steps} is not a multiple of the {blocks} blocks "
                          f"(--gen-length {args.gen_length} / --block-length "
                          f"{args.block_length}); use a multiple of {blocks}")
-    if args.t_res * FLOAT32_MAX < 1.0:
+    from rcd_ext.op_checks import MIN_T_RES  # imports torch, which the model load needs next
+
+    if args.t_res < MIN_T_RES:
         raise UsageError(f"--t-res {args.t_res}: 1 / t_res overflows float32 (use --t-res >= "
-                         f"{1.0 / FLOAT32_MAX:.3g})")
+                         f"{MIN_T_RES:.3g})")
     if args.init == "reference" and not args.ref_model:
         raise UsageError("--init reference needs --ref-model (give the reference checkpoint, "
                          "or another --init)")

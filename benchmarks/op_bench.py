@@ -8,7 +8,9 @@
 Per shape, timed interleaved (one call of each variant per round, min and median of the
 rounds): the fused exact op; its floor, the bare GEMM p @ E[:V] it must do (p precomputed in
 the table's dtype); naive torch, what one would write by hand (float32 softmax and log-softmax
-over the whole [N, V] logits, the entropy, then softmax(z) cast to the table's dtype @ E);
+over the whole [N, V] logits, the entropy, then softmax(z) cast to the table's dtype @ E; for
+a half table on the CPU, softmax(z) @ E widened to float32, since ATen's half GEMM without
+bf16/fp16 instructions takes minutes per call at these shapes);
 torch.compile of that naive function; and the sparse residual (`residual_top_k=K`, K = 16, 64,
 256 by default) with the table's row sum cached (its first call, which computes that sum, is
 reported apart). Every time is also given as a ratio to the floor, and the record says whether
@@ -76,7 +78,12 @@ def naive_residual_context(logits, table, mask, t_res=1.0):
     entropy = -(log_q.exp() * log_q).sum(-1)
     alpha = entropy / math.log(vocab)
     p = torch.softmax(z, dim=-1)
-    delta = (p.to(table.dtype) @ table[:vocab]).float()
+    if table.device.type == "cpu" and table.dtype != torch.float32:
+        # what one writes on a CPU without bf16/fp16 GEMM instructions (ATen's half GEMM takes
+        # minutes per call at these shapes there): widen the table, one float32 GEMM
+        delta = p @ table[:vocab].float()
+    else:
+        delta = (p.to(table.dtype) @ table[:vocab]).float()
     embeds = (1 - alpha)[:, None] * mask.float() + alpha[:, None] * delta
     return embeds.to(table.dtype), alpha
 

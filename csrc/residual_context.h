@@ -18,13 +18,9 @@
 #include <string>
 #include <tuple>
 
+#include "residual_codes.h"
+
 namespace rcd_ext {
-
-enum class Strategy : int32_t { kEntropy = 0, kConfidence = 1, kFixed = 2 };
-
-// Per-row verdict of the statistics pass. Rows that are not kRowOk abort the op with an error
-// naming the row: there is no defined residual for them.
-enum RowStatus : int32_t { kRowOk = 0, kRowNaN = 1, kRowPosInf = 2, kRowNoFiniteLogit = 3 };
 
 struct ResidualParams {
   float inv_t_res;     // 1 / t_res, for alpha (and delta when temper_delta)
@@ -38,8 +34,16 @@ inline Strategy parse_strategy(const std::string& name) {
   if (name == "entropy") return Strategy::kEntropy;
   if (name == "confidence") return Strategy::kConfidence;
   if (name == "fixed") return Strategy::kFixed;
-  TORCH_CHECK_VALUE(false, "strategy must be one of ('entropy', 'confidence', 'fixed'), got '",
-                    name, "'");
+  TORCH_CHECK_VALUE(false, "strategy '", name, "' has no fused kernel (kernels: 'entropy', "
+                    "'confidence', 'fixed'; strategies registered only in Python run through "
+                    "rcd_ext.op_reference)");
+}
+
+// The Strategy value the kernels are launched with, checked: no unknown code reaches a kernel.
+inline int32_t strategy_code(Strategy strategy) {
+  const int32_t code = static_cast<int32_t>(strategy);
+  TORCH_CHECK(is_strategy_code(code), "internal error: unknown alpha strategy code ", code);
+  return code;
 }
 
 inline bool is_supported_float(at::ScalarType t) {
@@ -86,19 +90,12 @@ inline ResidualParams check_and_make_params(const at::Tensor& logits,
                         static_cast<float>(std::log(static_cast<double>(vocab)))};
 }
 
-// alpha from a row's entropy by the strategy (CPU kernels; the CUDA kernels mirror it)
+// alpha from a row's entropy by the strategy (residual_codes.h; the CUDA kernels call the same)
 inline float alpha_from_entropy(double entropy, const ResidualParams& p) {
   const double log_vocab = static_cast<double>(p.log_vocab);
   const double normalized = std::clamp(entropy, 0.0, log_vocab) / log_vocab;
-  switch (p.strategy) {
-    case Strategy::kEntropy:
-      return static_cast<float>(p.alpha_scale * normalized);
-    case Strategy::kConfidence:
-      return static_cast<float>(p.alpha_scale * (1.0 - normalized));
-    case Strategy::kFixed:
-      return p.alpha_scale;
-  }
-  return p.alpha_scale;
+  return static_cast<float>(alpha_from_normalized<double>(strategy_code(p.strategy), normalized,
+                                                          p.alpha_scale));
 }
 
 // Raises the error for the first row whose status is not kRowOk. `status` is int32 on the CPU.

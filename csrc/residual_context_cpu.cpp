@@ -54,7 +54,7 @@ void row_statistics_typed(const at::Tensor& logits, const ResidualParams& params
   float* alpha_out = alpha.data_ptr<float>();
   int32_t* status_out = status.data_ptr<int32_t>();
   const float prob_k = params.temper_delta ? params.inv_t_res : 1.0f;
-  const bool need_entropy = params.strategy != Strategy::kFixed;
+  const bool need_entropy = strategy_uses_entropy(strategy_code(params.strategy));
   // One set of sums serves both when the entropy and the probabilities share a temperature.
   const bool shared_sums = !need_entropy || prob_k == params.inv_t_res;
 

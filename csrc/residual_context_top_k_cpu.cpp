@@ -53,7 +53,7 @@ template <typename T>
 RowResult scan_row(const T* row, int64_t vocab, const ResidualParams& params,
                    cpu::TopKSelector& selector, float* scratch) {
   const float prob_k = params.temper_delta ? params.inv_t_res : 1.0f;
-  const bool need_entropy = params.strategy != Strategy::kFixed;
+  const bool need_entropy = strategy_uses_entropy(strategy_code(params.strategy));
   const float entropy_k = need_entropy ? params.inv_t_res : prob_k;
   // one set of sums serves both when the entropy and p share a temperature
   const bool shared_sums = entropy_k == prob_k;

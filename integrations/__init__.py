@@ -9,6 +9,8 @@ Modules (each imported on its own, so that none pulls in another engine's depend
 - `d2f_vllm`: `patch_d2f_vllm` (D2F's vLLM-style serving engine)
 - `jetengine`: `patch_jetengine` (SDAR's JetEngine serving engine)
 - `engine_patching`: the shared options and patch/undo machinery
+- `runner_patch`: `RunnerPatch`, the base of the serving-engine adapters (JetEngine,
+  d2f_vllm): `wrap` a runner method, `attach` the embedding hook, exact `undo()`
 - `embedding_hook`: `EmbeddingHookRCD` and `SequenceSlots` for engines fed token ids only
 - `lm_eval_model`: the lm-eval models `rcd` and `seqd`, and the `rcd-lm-eval` entry point
 - `sglang`: the SGLang dLLM algorithm `RCD` (`--dllm-algorithm RCD`) and its

@@ -33,7 +33,7 @@ from rcd_ext.integrations.engine_patching import (
     RCDOptions,
     SamplerPatch,
     build_rcd_model,
-    split_options,
+    unpatched,
 )
 from rcd_ext.models.adapters import ModelAdapter, get_adapter
 from rcd_ext.wrapper import unwrap_peft
@@ -68,11 +68,13 @@ class D2FDreamAdapter(ModelAdapter):
 
 
 def d2f_adapter(model: nn.Module, mask_id: int) -> ModelAdapter:
-    """The wrapper's adapter for a D2F model (LLaDA: the family's own; Dream: D2F's shift)."""
+    """The wrapper's adapter for a D2F model (LLaDA: the family's own; a family with shifted
+    logits, Dream: D2F's shift)."""
     adapter = get_adapter(model, mask_id=mask_id)
-    if adapter.family == "dream":
+    if adapter.shift_logits:
         adapter = D2FDreamAdapter(model=model, mask_id=adapter.mask_id, eos_id=adapter.eos_id,
-                                  pad_id=adapter.pad_id, family="dream", shift_logits=True)
+                                  pad_id=adapter.pad_id, family=adapter.family,
+                                  shift_logits=True)
         adapter.last_logit, adapter.update_kvcache = None, 0
     return adapter
 
@@ -87,8 +89,7 @@ def rcd_generate_block_single(method: Callable[..., Any],
     @functools.wraps(method)
     def generate_block_single_with_rcd(self: Any, prompt: torch.Tensor, *args: Any,
                                        **kwargs: Any) -> Any:
-        changes, kwargs = split_options(kwargs)
-        options = patch.options.updated(changes)
+        options, kwargs = patch.call_options(kwargs)
         if not options.rcd:
             return method(self, prompt, *args, **kwargs)
         model = self.model
@@ -125,31 +126,12 @@ def patch_d2f(target: type | Any, **options: Any) -> SamplerPatch:
         if current is None:
             raise ValueError(f"{target.__name__} has no _generate_block_single: pass D2F's "
                              "lm-eval model class (eval_llada.py / eval_dream.py)")
-        original = getattr(current, "__rcd_original__", current)
-        defined_here = "_generate_block_single" in target.__dict__
-        target._generate_block_single = rcd_generate_block_single(original, patch)
-
-        def restore() -> None:
-            if defined_here:
-                target._generate_block_single = original
-            else:
-                del target._generate_block_single  # inherited again
-
+        original = unpatched(current)
+        patch.replace(target, "_generate_block_single",
+                      rcd_generate_block_single(original, patch), original)
     else:
-        bound = target._generate_block_single
-        function = getattr(bound, "__func__", bound)
-        original = getattr(function, "__rcd_original__", function)
-        had = "_generate_block_single" in vars(target)
-        previous = vars(target).get("_generate_block_single")
-        target._generate_block_single = types.MethodType(
-            rcd_generate_block_single(original, patch), target)
-
-        def restore() -> None:
-            if had:
-                target._generate_block_single = previous
-            else:
-                del target._generate_block_single
-
-    patch.originals["_generate_block_single"] = original
-    patch._restore.append(restore)
+        original = unpatched(target._generate_block_single)
+        patch.replace(target, "_generate_block_single",
+                      types.MethodType(rcd_generate_block_single(original, patch), target),
+                      original)
     return patch

@@ -37,40 +37,74 @@ What the patch does, per `run`:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from rcd_ext.integrations.embedding_hook import (
-    EmbeddingHookRCD,
-    SequenceSlots,
-    input_embedding,
-    refuse_unhookable_runner,
-)
-from rcd_ext.integrations.engine_patching import RCDOptions, SamplerPatch
+from rcd_ext.integrations.embedding_hook import input_embedding, refuse_unhookable_runner
+from rcd_ext.integrations.engine_patching import RCDOptions
+from rcd_ext.integrations.runner_patch import RunnerPatch
 
 D2F_VLLM_MASK_ID = 151666  # the engine's Config.mask_token_id default (Dream)
 _WRAPPED = ("run", "run_verbose", "run_model")
 
 
 @dataclass
-class D2FVLLMPatch(SamplerPatch):
+class D2FVLLMPatch(RunnerPatch):
     """What `patch_d2f_vllm` changed; `undo()` restores the runner exactly.
 
-    Attributes (besides `SamplerPatch`'s): `runner` the patched model runner, `hook` its
-    `EmbeddingHookRCD` (also `last_hook`; `hook.injected` counts injections), `slots` the
-    seq_id -> row map, `shift_logits` whether logits are shifted as Dream's sampler does.
-    All None / False with rcd=False (nothing is patched).
+    Attributes (besides `RunnerPatch`'s `runner`, `mask_id`, `slots` (seq_id -> row) and
+    `hook` (`hook.injected` counts injections)): `shift_logits` whether logits are shifted as
+    Dream's sampler does. With rcd=False nothing is patched: `runner` and `hook` are None.
     """
 
-    runner: Any = None
-    hook: EmbeddingHookRCD | None = None
-    slots: SequenceSlots | None = None
     shift_logits: bool = False
+    _batch: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def _admit(self, seqs: Sequence[Any], is_prefill: bool) -> list[int]:
+        """Free the slots of requests gone since the last step; returns the rows of `seqs`."""
+        freed = self.slots.release_finished()
+        if is_prefill:
+            # a prefill (re)starts a request: a preempted one comes back through here
+            freed += [row for row in (self.slots.release(seq.seq_id) for seq in seqs)
+                      if row is not None]
+        if freed:
+            self.hook.release(freed)
+        return self.slots.track(seqs)
+
+    def _run(self, original: Callable[..., Any], seqs: list[Any], is_prefill: bool,
+             *args: Any, **kwargs: Any) -> Any:
+        # bookkeeping needs no autograd graph, like the runner's own forward
+        with torch.inference_mode():
+            rows = self._admit(seqs, is_prefill)
+        self._batch["seqs"], self._batch["rows"] = seqs, rows
+        try:
+            return original(seqs, is_prefill, *args, **kwargs)
+        finally:
+            self._batch.clear()
+
+    def _run_model(self, original: Callable[..., Any], input_ids: torch.Tensor,
+                   positions: torch.Tensor, is_prefill: bool, *args: Any,
+                   **kwargs: Any) -> torch.Tensor:
+        """input_ids, positions [N] (flat); returns the runner's logits [N, V] unchanged."""
+        if "seqs" not in self._batch:  # a forward outside run() (nothing to key residuals by)
+            return original(input_ids, positions, is_prefill, *args, **kwargs)
+        hook = self.hook
+        with torch.inference_mode():
+            layout = flat_layout(self._batch["seqs"], self._batch["rows"], input_ids)
+            hook.prepare(input_ids, layout.positions, layout.rows)
+        logits = original(input_ids, positions, is_prefill, *args, **kwargs)
+        with torch.inference_mode():
+            masked = input_ids == self.mask_id
+            token_index, logit_row = shift_rows(layout, masked, self.shift_logits)
+            hook.update(logits[logit_row], token_index=token_index)
+            if self.shift_logits:
+                opening = masked & layout.first
+                hook.forget(layout.rows[opening], layout.positions[opening])
+        return logits
 
 
 @dataclass
@@ -157,62 +191,6 @@ def flat_layout(seqs: Sequence[Any], rows: Sequence[int], input_ids: torch.Tenso
                       torch.tensor(slot_rows, dtype=torch.long).to(device), first.to(device))
 
 
-def _admit(patch: D2FVLLMPatch, seqs: Sequence[Any], is_prefill: bool) -> list[int]:
-    """Free the slots of requests gone since the last step; returns the rows of `seqs`."""
-    freed = patch.slots.release_finished()
-    if is_prefill:
-        # a prefill (re)starts a request: a preempted one comes back through here
-        freed += [row for row in (patch.slots.release(seq.seq_id) for seq in seqs)
-                  if row is not None]
-    if freed:
-        patch.hook.release(freed)
-    return patch.slots.track(seqs)
-
-
-def _wrap_run(method: Callable[..., Any], patch: D2FVLLMPatch,
-              batch: dict[str, Any]) -> Callable[..., Any]:
-    @functools.wraps(method)
-    def run_with_rcd(seqs: list[Any], is_prefill: bool, *args: Any, **kwargs: Any) -> Any:
-        # bookkeeping needs no autograd graph, like the runner's own forward
-        with torch.inference_mode():
-            rows = _admit(patch, seqs, is_prefill)
-        batch["seqs"], batch["rows"] = seqs, rows
-        try:
-            return method(seqs, is_prefill, *args, **kwargs)
-        finally:
-            batch.clear()
-
-    run_with_rcd.__rcd_original__ = method  # type: ignore[attr-defined]
-    return run_with_rcd
-
-
-def _wrap_run_model(method: Callable[..., Any], patch: D2FVLLMPatch,
-                    batch: dict[str, Any]) -> Callable[..., Any]:
-    hook, mask_id = patch.hook, patch.hook.mask_id
-
-    @functools.wraps(method)
-    def run_model_with_rcd(input_ids: torch.Tensor, positions: torch.Tensor,
-                           is_prefill: bool, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """input_ids, positions [N] (flat); returns the runner's logits [N, V] unchanged."""
-        if "seqs" not in batch:  # a forward outside run() (nothing to key residuals by)
-            return method(input_ids, positions, is_prefill, *args, **kwargs)
-        with torch.inference_mode():
-            layout = flat_layout(batch["seqs"], batch["rows"], input_ids)
-            hook.prepare(input_ids, layout.positions, layout.rows)
-        logits = method(input_ids, positions, is_prefill, *args, **kwargs)
-        with torch.inference_mode():
-            masked = input_ids == mask_id
-            token_index, logit_row = shift_rows(layout, masked, patch.shift_logits)
-            hook.update(logits[logit_row], token_index=token_index)
-            if patch.shift_logits:
-                opening = masked & layout.first
-                hook.forget(layout.rows[opening], layout.positions[opening])
-        return logits
-
-    run_model_with_rcd.__rcd_original__ = method  # type: ignore[attr-defined]
-    return run_model_with_rcd
-
-
 def patch_d2f_vllm(target: Any, *, embedding: nn.Module | None = None,
                    shift_logits: bool | None = None, **options: Any) -> D2FVLLMPatch:
     """Decode with residual context in a d2f_vllm engine (in place on its model runner,
@@ -240,27 +218,10 @@ def patch_d2f_vllm(target: Any, *, embedding: nn.Module | None = None,
     mask_id = int(getattr(runner, "mask_token_id", None) or runner.config.mask_token_id)
     if shift_logits is None:
         shift_logits = callable(getattr(getattr(runner, "sampler", None), "_shift_logits", None))
-    patch.runner, patch.shift_logits = runner, bool(shift_logits)
-    patch.hook = patch.last_hook = EmbeddingHookRCD(embedding, mask_id, rcd_options)
-    patch.slots = SequenceSlots()
-
-    batch: dict[str, Any] = {}
-    previous = {name: vars(runner)[name] for name in _WRAPPED if name in vars(runner)}
-    runner.run = _wrap_run(runner.run, patch, batch)
+    patch.runner, patch.shift_logits, patch.mask_id = runner, bool(shift_logits), mask_id
+    patch.attach(embedding)
+    patch.wrap("run", patch._run)
     if callable(getattr(runner, "run_verbose", None)):
-        runner.run_verbose = _wrap_run(runner.run_verbose, patch, batch)
-    runner.run_model = _wrap_run_model(runner.run_model, patch, batch)
-    for name in _WRAPPED:
-        if name in vars(runner):
-            patch.originals[name] = vars(runner)[name].__rcd_original__
-
-    def restore() -> None:
-        for name in _WRAPPED:
-            if name in previous:
-                setattr(runner, name, previous[name])
-            elif name in vars(runner):
-                delattr(runner, name)
-        patch.hook.remove()
-
-    patch._restore.append(restore)
+        patch.wrap("run_verbose", patch._run)
+    patch.wrap("run_model", patch._run_model)
     return patch

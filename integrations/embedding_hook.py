@@ -5,9 +5,11 @@ Serving engines (JetEngine, the D2F vLLM engine) and Fast-dLLM v2's `batch_sampl
 ids only, often as one flat tensor packing several requests. `EmbeddingHookRCD` replaces the
 embedding rows of masked tokens by their stored residuals; the engine adapter tells it, per
 forward, which request and absolute position each flat token belongs to (`prepare`) and hands
-it the logits the sampler reads (`update`). `SequenceSlots` turns the engine's request ids
-into small stable row indices of the residual state: requests join and leave between steps
-and their order in a batch changes, while residuals must stay with their request.
+it the logits the sampler reads (`update`). The hook itself is
+`rcd_ext.embedding_rewrite.EmbeddingRewrite`, the same mechanism as
+`RCDModel(injection="hook")`. `SequenceSlots` turns the engine's request ids into small
+stable row indices of the residual state: requests join and leave between steps and their
+order in a batch changes, while residuals must stay with their request.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rcd_ext.embedding_rewrite import EmbeddingRewrite
 from rcd_ext.integrations.engine_patching import RCDOptions
 from rcd_ext.residual import ResidualState
 
@@ -55,13 +58,14 @@ class EmbeddingHookRCD:
         self.mask_id = int(mask_id)
         self.enabled = options.rcd
         self.injected = 0  # masked tokens that received a residual, over the hook's life
-        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.handle = embedding.register_forward_hook(self._hook)
+        # the announced (ids, positions, rows) [N] of the coming forward, kept until update()
+        self._rewrite = EmbeddingRewrite(embedding, self._inject)
+        self.handle = self._rewrite.handle
 
     def reset(self, batch: int = 1) -> None:
         """Forget every residual (a new, independent batch of requests)."""
         self.state.reset(batch)
-        self._pending = None
+        self._rewrite.cancel()
 
     def release(self, rows: torch.Tensor | list[int]) -> None:
         """Forget every residual of the slots `rows` (their requests finished)."""
@@ -87,18 +91,19 @@ class EmbeddingHookRCD:
         if rows.shape != token_ids.shape:
             raise ValueError(f"rows {tuple(rows.shape)} must match token_ids "
                              f"{tuple(token_ids.shape)}")
-        self._pending = (token_ids.reshape(-1), positions.reshape(-1).long(),
-                         rows.reshape(-1).long())
+        self._rewrite.announce((token_ids.reshape(-1), positions.reshape(-1).long(),
+                                rows.reshape(-1).long()))
 
     def cancel(self) -> None:
         """Drop the announcement of a forward that did not complete (it raised before
         `update`), so that it cannot be applied to the next forward."""
-        self._pending = None
+        self._rewrite.cancel()
 
-    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> Any:
-        if not self.enabled or self._pending is None:
+    def _inject(self, pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        if not self.enabled:
             return None
-        ids, positions, rows = self._pending
+        ids, positions, rows = pending
         flat = output.reshape(-1, output.shape[-1])
         if flat.shape[0] != ids.shape[0]:
             raise ValueError(f"prepare() announced {ids.shape[0]} tokens but the embedding "
@@ -121,10 +126,11 @@ class EmbeddingHookRCD:
             announced tokens `token_index` [M] (engines whose head keeps only some rows);
             announced masked tokens without logits keep what they had.
         """
-        if not self.enabled or self._pending is None:
+        pending = self._rewrite.pending
+        if not self.enabled or pending is None:
             return
-        ids, positions, rows = self._pending
-        self._pending = None
+        ids, positions, rows = pending
+        self._rewrite.cancel()
         logits = logits.reshape(-1, logits.shape[-1])
         if token_index is None:
             if logits.shape[0] != ids.shape[0]:
@@ -144,7 +150,7 @@ class EmbeddingHookRCD:
 
     def remove(self) -> None:
         """Detach the hook."""
-        self.handle.remove()
+        self._rewrite.remove()
 
 
 def input_embedding(model: nn.Module) -> nn.Module:

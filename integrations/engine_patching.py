@@ -5,12 +5,17 @@ the fused op); this module only decides *how an engine reaches it*:
 
 - `RCDOptions`: the keyword-only extras the patched samplers take (`rcd=`, `ref_model=`,
   residual options, `suffix=`), with defaults fixed when the patch is installed;
-- `SamplerPatch`: what a patch changed, and `undo()`;
+- `patch_attribute` / `AttributePatch`: the one way an adapter changes an engine: set an
+  attribute on a class, an instance or a module, keep what was there, restore exactly (the
+  owner's own `__dict__` as it was: an attribute that was inherited or absent is deleted
+  again, never left behind as a copy);
+- `SamplerPatch`: what a patch changed (`replace` goes through `patch_attribute`), and `undo()`;
+- `unpatched`: the engine's own function behind a (possibly patched, possibly bound) value;
 - `build_rcd_model`: one `RCDModel` per generate call (a fresh residual state per prompt);
-- `swapped_forward`: for samplers that call the model as `self(...)` from a method bound to
-  the model (Dream's `diffusion_generate`), the model's `forward` is replaced by the wrapper
-  for the duration of the call, with a re-entrancy guard so the wrapper's own call to the
-  model reaches the original forward;
+- `swapped_forward`: for samplers that call the model as `self(...)` or `self.forward(...)`
+  from a method bound to the model (Dream's `diffusion_generate`, v2's `batch_sample`), the
+  model's `forward` is replaced for the duration of the call, with a re-entrancy guard so
+  that a call made from inside the replacement reaches the original forward;
 - `rebind`: replace a function everywhere it was imported by name (`from generate import
   generate` in the engine's eval/chat scripts keeps its own reference).
 """
@@ -18,6 +23,7 @@ the fused op); this module only decides *how an engine reaches it*:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -93,6 +99,14 @@ def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return options, rest
 
 
+def bound_arguments(signature: inspect.Signature, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Every argument of a call by name, defaults included (block_length, mask_id exactly as
+    the engine's function will see them)."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
 def build_rcd_model(
     model: nn.Module,
     options: RCDOptions,
@@ -121,6 +135,71 @@ def build_rcd_model(
     return rcd_model
 
 
+_ABSENT = object()  # "the owner's __dict__ had no such attribute" (restore deletes it)
+_REPLACED = "__rcd_replaced__"  # on an adapter's function: what its patch replaced
+
+
+@dataclass
+class AttributePatch:
+    """One attribute set on a class, an instance or a module; `restore()` puts back exactly
+    what the owner's own `__dict__` held (`is` the same object), or deletes the attribute
+    when it was inherited or absent. Restoring twice does nothing the second time."""
+
+    owner: Any
+    name: str
+    before: Any = _ABSENT
+    restored: bool = False
+
+    def restore(self) -> None:
+        if self.restored:
+            return
+        self.restored = True
+        if self.before is _ABSENT:
+            if self.name in vars(self.owner):
+                delattr(self.owner, self.name)
+        else:
+            setattr(self.owner, self.name, self.before)
+
+
+def _function_of(value: Any) -> Any:
+    # a bound method's attributes live on its function
+    return getattr(value, "__func__", value)
+
+
+def patch_attribute(owner: Any, name: str, value: Any, *,
+                    over_patches: bool = False) -> AttributePatch:
+    """Set `owner.name = value` (owner: class, instance or module); returns the
+    `AttributePatch` that restores it.
+
+    over_patches: when the attribute holds the function of an earlier RCD patch (a function
+        with `__rcd_original__`, which is marked here with what it replaced), restore what
+        that patch replaced, not the patch: re-patching starts from the unpatched engine
+        instead of stacking (the engine adapters' rule).
+    """
+    if isinstance(owner, nn.Module) and any(name in vars(owner).get(table, {}) for table in
+                                            ("_modules", "_parameters", "_buffers")):
+        # these live in the module's tables, not its __dict__: no exact restore possible here
+        raise TypeError(f"patch_attribute: {type(owner).__name__}.{name} is a submodule, "
+                        "parameter or buffer (patch a method or a plain attribute)")
+    before = vars(owner).get(name, _ABSENT)
+    if over_patches:
+        earlier = _function_of(before)
+        if inspect.isfunction(earlier) and _REPLACED in vars(earlier):
+            before = vars(earlier)[_REPLACED]
+    function = _function_of(value)
+    if inspect.isfunction(function) and hasattr(function, "__rcd_original__"):
+        vars(function)[_REPLACED] = before  # only an adapter's own functions are marked
+    setattr(owner, name, value)
+    return AttributePatch(owner, name, before)
+
+
+def unpatched(value: Any) -> Any:
+    """The engine's own function behind `value`: a bound method gives its function, an RCD
+    patch (`__rcd_original__`) the function it wraps."""
+    function = _function_of(value)
+    return getattr(function, "__rcd_original__", function)
+
+
 @dataclass
 class SamplerPatch:
     """What a patch changed; `undo()` restores the engine exactly.
@@ -140,6 +219,19 @@ class SamplerPatch:
     last_hook: Any = None
     _restore: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
+    def call_options(self, kwargs: dict[str, Any]) -> tuple[RCDOptions, dict[str, Any]]:
+        """(the options of one patched call, the engine function's own kwargs): the patch's
+        defaults updated by the RCD keywords found in `kwargs`."""
+        changes, rest = split_options(kwargs)
+        return self.options.updated(changes), rest
+
+    def replace(self, owner: Any, name: str, value: Any, original: Any = None) -> None:
+        """Set `owner.name = value` until `undo()` (over an earlier RCD patch: `undo()` goes
+        back to the unpatched engine); `original` is recorded in `originals[name]`."""
+        self._restore.append(patch_attribute(owner, name, value, over_patches=True).restore)
+        if original is not None:
+            self.originals[name] = original
+
     def undo(self) -> None:
         """Put every original function back (module attributes and rebound imports)."""
         for restore in reversed(self._restore):
@@ -152,15 +244,15 @@ class _ReentrancyGuard:
 
 
 @contextlib.contextmanager
-def swapped_forward(model: nn.Module, rcd_model: RCDModel) -> Iterator[None]:
-    """Route `model(...)` through `rcd_model` while the block runs.
+def swapped_forward(model: nn.Module, through: Callable[..., Any]) -> Iterator[None]:
+    """Route `model(...)` and `model.forward(...)` through `through` while the block runs.
 
-    The instance attribute `forward` shadows the class method; the wrapper's own call to the
-    model (and its "self" init forward) re-enter and reach the original forward. Forward hooks
-    registered on `model` therefore run twice per step (outer call and inner call): hooks that
-    replace `forward` (accelerate's device hooks) are captured as the original and run once.
+    The instance attribute `forward` shadows the class method; calls made from inside
+    `through` (the wrapper's own call to the model, its "self" init forward, or an explicit
+    `model.forward(...)`) re-enter and reach the original forward. Forward hooks registered
+    on `model` therefore run twice per step (outer call and inner call): hooks that replace
+    `forward` (accelerate's device hooks) are captured as the original and run once.
     """
-    had_instance_forward = "forward" in model.__dict__
     original = model.forward
     guard = _ReentrancyGuard()
 
@@ -169,18 +261,15 @@ def swapped_forward(model: nn.Module, rcd_model: RCDModel) -> Iterator[None]:
             return original(*args, **kwargs)
         guard.active = True
         try:
-            return rcd_model(*args, **kwargs)
+            return through(*args, **kwargs)
         finally:
             guard.active = False
 
-    model.forward = forward
+    swap = patch_attribute(model, "forward", forward)
     try:
         yield
     finally:
-        if had_instance_forward:
-            model.forward = original
-        else:
-            del model.forward
+        swap.restore()
 
 
 def rebind(old: Callable[..., Any], new: Callable[..., Any]) -> list[str]:

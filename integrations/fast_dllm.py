@@ -39,10 +39,11 @@ from rcd_ext.integrations.engine_patching import (
     OPTION_NAMES,
     RCDOptions,
     SamplerPatch,
+    bound_arguments,
     build_rcd_model,
     rebind,
-    split_options,
     swapped_forward,
+    unpatched,
 )
 
 LLADA_SAMPLERS = ("generate", "generate_with_prefix_cache", "generate_with_dual_cache")
@@ -70,16 +71,14 @@ def rcd_llada_sampler(sampler: Callable[..., Any], patch: SamplerPatch) -> Calla
     @functools.wraps(sampler)
     def sampler_with_rcd(model: nn.Module, prompt: torch.Tensor, *args: Any,
                          **kwargs: Any) -> Any:
-        changes, kwargs = split_options(kwargs)
-        options = patch.options.updated(changes)
+        options, kwargs = patch.call_options(kwargs)
         if not options.rcd:
             return sampler(model, prompt, *args, **kwargs)
-        bound = signature.bind(model, prompt, *args, **kwargs)
-        bound.apply_defaults()
         # block boundaries and the mask id exactly as the sampler will use them
-        rcd_model = build_rcd_model(model, options, mask_id=int(bound.arguments["mask_id"]),
+        arguments = bound_arguments(signature, model, prompt, *args, **kwargs)
+        rcd_model = build_rcd_model(model, options, mask_id=int(arguments["mask_id"]),
                                     gen_start=int(prompt.shape[1]),
-                                    block_length=int(bound.arguments["block_length"]))
+                                    block_length=int(arguments["block_length"]))
         patch.last_rcd_model = rcd_model
         return sampler(rcd_model, prompt, *args, **kwargs)
 
@@ -127,7 +126,7 @@ def patch_fast_dllm(
                          f"{LLADA_SAMPLERS}: pass Fast-dLLM's llada/generate.py module")
     for name in names:
         current = getattr(module, name)
-        original = getattr(current, "__rcd_original__", current)  # re-patching: start over
+        original = unpatched(current)  # re-patching: start over
         patched = rcd_llada_sampler(original, patch)
         patch.originals[name] = original
         setattr(module, name, patched)
@@ -152,8 +151,7 @@ def rcd_diffusion_generate(
     @functools.wraps(diffusion_generate)
     def diffusion_generate_with_rcd(self: nn.Module, inputs: torch.Tensor | None = None,
                                     generation_config: Any = None, **kwargs: Any) -> Any:
-        changes, kwargs = split_options(kwargs)
-        options = patch.options.updated(changes)
+        options, kwargs = patch.call_options(kwargs)
         if not options.rcd:
             return diffusion_generate(self, inputs, generation_config, **kwargs)
         config = generation_config or getattr(self, "generation_config", None)
@@ -191,29 +189,11 @@ def patch_fast_dllm_dream(
         target = target.DreamGenerationMixin
     patch = SamplerPatch(options=RCDOptions().updated(options))
     if isinstance(target, nn.Module):
-        bound = target.diffusion_generate
-        function = getattr(bound, "__func__", bound)
-        original = getattr(function, "__rcd_original__", function)
+        original = unpatched(target.diffusion_generate)
         patched = rcd_diffusion_generate(original, patch, default_block_length)
-        had = "diffusion_generate" in target.__dict__
-        previous = target.__dict__.get("diffusion_generate")
-        target.diffusion_generate = types.MethodType(patched, target)
-
-        def restore() -> None:
-            if had:
-                target.diffusion_generate = previous
-            else:
-                del target.diffusion_generate
-
+        patch.replace(target, "diffusion_generate", types.MethodType(patched, target), original)
     else:
-        current = target.__dict__["diffusion_generate"]
-        original = getattr(current, "__rcd_original__", current)
+        original = unpatched(target.__dict__["diffusion_generate"])
         patched = rcd_diffusion_generate(original, patch, default_block_length)
-        target.diffusion_generate = patched
-
-        def restore() -> None:
-            target.diffusion_generate = original
-
-    patch.originals["diffusion_generate"] = original
-    patch._restore.append(restore)
+        patch.replace(target, "diffusion_generate", patched, original)
     return patch

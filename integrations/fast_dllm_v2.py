@@ -31,7 +31,13 @@ import torch
 from torch import nn
 
 from rcd_ext.integrations.embedding_hook import EmbeddingHookRCD
-from rcd_ext.integrations.engine_patching import RCDOptions, SamplerPatch, split_options
+from rcd_ext.integrations.engine_patching import (
+    RCDOptions,
+    SamplerPatch,
+    bound_arguments,
+    swapped_forward,
+    unpatched,
+)
 from rcd_ext.models.adapters import ModelAdapter
 
 V2_MASK_ID = 151665
@@ -55,35 +61,26 @@ def rcd_batch_sample(batch_sample: Callable[..., Any],
 
     @functools.wraps(batch_sample)
     def batch_sample_with_rcd(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        changes, kwargs = split_options(kwargs)
-        options = patch.options.updated(changes)
+        options, kwargs = patch.call_options(kwargs)
         if not options.rcd:
             return batch_sample(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        hook = EmbeddingHookRCD(self.get_input_embeddings(), int(bound.arguments["mask_id"]),
-                                options)
-        hook.reset(int(bound.arguments["input_ids"].shape[0]))
+        arguments = bound_arguments(signature, self, *args, **kwargs)
+        hook = EmbeddingHookRCD(self.get_input_embeddings(), int(arguments["mask_id"]), options)
+        hook.reset(int(arguments["input_ids"].shape[0]))
         patch.last_hook = hook
-        had_instance_forward = "forward" in vars(self)
-        original = self.forward
 
         def forward(*f_args: Any, **f_kwargs: Any) -> Any:
             ids = f_kwargs["input_ids"] if "input_ids" in f_kwargs else f_args[0]
             hook.prepare(ids, call_positions(f_kwargs, ids.shape[0], ids.shape[1], ids.device))
-            output = original(*f_args, **f_kwargs)
+            output = self.forward(*f_args, **f_kwargs)  # re-entered: the original forward
             logits = output.logits
             hook.update(torch.cat([logits[:, :1], logits[:, :-1]], dim=1))
             return output
 
-        self.forward = forward
         try:
-            return batch_sample(self, *args, **kwargs)
+            with swapped_forward(self, forward):
+                return batch_sample(self, *args, **kwargs)
         finally:
-            if had_instance_forward:
-                self.forward = original
-            else:
-                del self.forward
             hook.remove()
 
     batch_sample_with_rcd.__rcd_original__ = batch_sample  # type: ignore[attr-defined]
@@ -95,23 +92,11 @@ def patch_fast_dllm_v2(target: type | nn.Module, **options: Any) -> SamplerPatch
     `mdm_sample` is already bound (instance: rebinds `mdm_sample`). Reversible."""
     patch = SamplerPatch(options=RCDOptions().updated(options))
     if isinstance(target, type):
-        current = target.__dict__["batch_sample"]
-        original = getattr(current, "__rcd_original__", current)
-        target.batch_sample = rcd_batch_sample(original, patch)
-
-        def restore() -> None:
-            target.batch_sample = original
-
+        original = unpatched(target.__dict__["batch_sample"])
+        patch.replace(target, "batch_sample", rcd_batch_sample(original, patch))
     else:
-        bound = target.mdm_sample
-        function = getattr(bound, "__func__", bound)
-        original = getattr(function, "__rcd_original__", function)
-        previous = bound
-        target.mdm_sample = types.MethodType(rcd_batch_sample(original, patch), target)
-
-        def restore() -> None:
-            target.mdm_sample = previous
-
+        original = unpatched(target.mdm_sample)
+        patch.replace(target, "mdm_sample",
+                      types.MethodType(rcd_batch_sample(original, patch), target))
     patch.originals["batch_sample"] = original
-    patch._restore.append(restore)
     return patch

@@ -37,13 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcd_ext.integrations.embedding_hook import (
-    EmbeddingHookRCD,
-    SequenceSlots,
-    input_embedding,
-    refuse_unhookable_runner,
-)
-from rcd_ext.integrations.engine_patching import RCDOptions, SamplerPatch
+from rcd_ext.integrations.embedding_hook import input_embedding, refuse_unhookable_runner
+from rcd_ext.integrations.engine_patching import RCDOptions
+from rcd_ext.integrations.runner_patch import RunnerPatch
 
 _PATCH_ATTRIBUTE = "_rcd_jetengine_patch"
 
@@ -88,34 +84,16 @@ def _mask_id_of(runner: Any, mask_id: int | None) -> int:
 
 
 @dataclass
-class JetEnginePatch(SamplerPatch):
+class JetEnginePatch(RunnerPatch):
     """What `patch_jetengine` changed on one `ModelRunner`; `undo()` restores it.
 
-    Attributes (beyond `SamplerPatch`):
-        runner: the patched `ModelRunner`.
-        mask_id: the mask token id the hook looks for.
-        slots: `seq.seq_id` -> residual row of every request that has been in a DENOISE
-            batch and has not finished (`slots.active`).
-        hook: the `EmbeddingHookRCD` on `model.model.embed_tokens` (None with rcd=False);
-            `hook.injected` counts the masked tokens that received a residual.
+    Attributes (`RunnerPatch`'s): `runner` the patched `ModelRunner`; `mask_id`; `slots`:
+    `seq.seq_id` -> residual row of every request that has been in a DENOISE batch and has
+    not finished (`slots.active`); `hook`: the `EmbeddingHookRCD` on
+    `model.model.embed_tokens` (None with rcd=False).
     """
 
-    runner: Any = None
-    mask_id: int = -1
-    slots: SequenceSlots = field(default_factory=SequenceSlots)
-    _embedding: nn.Module | None = field(default=None, repr=False)
     _rows: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def hook(self) -> EmbeddingHookRCD | None:
-        return self.last_hook
-
-    def _attach(self, embedding: nn.Module) -> None:
-        if self.last_hook is not None:
-            self.last_hook.remove()
-        self.last_hook = EmbeddingHookRCD(embedding, self.mask_id, self.options)
-        self._embedding = embedding
-        self.slots = SequenceSlots()
 
     def _follow_model(self) -> None:
         # `reinit_model` / `reload_from_hf_model` build a new model: residuals of the old table
@@ -123,7 +101,7 @@ class JetEnginePatch(SamplerPatch):
         embedding = input_embedding(self.runner.model)
         if embedding is not self._embedding:
             check_runner(self.runner, embedding)
-            self._attach(embedding)
+            self.attach(embedding)
 
     def release_finished(self) -> list[int]:
         """Free the rows (and residuals) of requests that finished or were dropped; returns
@@ -202,45 +180,19 @@ def patch_jetengine(target: Any, *, rcd: bool = True, mask_id: int | None = None
     if previous is not None:
         previous.undo()  # re-patching starts from the unpatched runner
     patch = JetEnginePatch(options=RCDOptions().updated({"rcd": rcd, **options}), runner=runner)
-    had_run = "run" in runner.__dict__
-    had_run_model = "run_model" in runner.__dict__
-    original_run = runner.run
-    original_run_model = runner.run_model
-    patch.originals.update(run=original_run, run_model=original_run_model)
-
     if not patch.options.rcd:
-        def run(seqs: Sequence[Any], run_type: Any) -> Any:
-            return original_run(seqs, run_type)
+        patch.originals["run_model"] = runner.run_model
+        patch.wrap("run", _call_original)
     else:
         embedding = input_embedding(runner.model)
         check_runner(runner, embedding)
         patch.mask_id = _mask_id_of(runner, mask_id)
-        patch._attach(embedding)
-
-        def run(seqs: Sequence[Any], run_type: Any) -> Any:
-            return patch._run(original_run, seqs, run_type)
-
-        def run_model(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return patch._run_model(original_run_model, input_ids, positions)
-
-        run_model.__rcd_original__ = original_run_model  # type: ignore[attr-defined]
-        runner.run_model = run_model
-
-    run.__rcd_original__ = original_run  # type: ignore[attr-defined]
-    runner.run = run
-    setattr(runner, _PATCH_ATTRIBUTE, patch)
-
-    def restore() -> None:
-        for name, had, original in (("run", had_run, original_run),
-                                    ("run_model", had_run_model, original_run_model)):
-            if had:
-                setattr(runner, name, original)
-            else:
-                runner.__dict__.pop(name, None)
-        runner.__dict__.pop(_PATCH_ATTRIBUTE, None)
-        if patch.last_hook is not None:
-            patch.last_hook.remove()
-        patch.slots = SequenceSlots()
-
-    patch._restore.append(restore)
+        patch.attach(embedding)
+        patch.wrap("run", patch._run)
+        patch.wrap("run_model", patch._run_model)
+    patch.replace(runner, _PATCH_ATTRIBUTE, patch)
     return patch
+
+
+def _call_original(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return original(*args, **kwargs)

@@ -22,15 +22,12 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-POLICIES = ("fixed", "threshold")
-CACHE_MODES = ("none", "prefix", "dual")
-INIT_STRATEGIES = ("cold", "reference", "self", "dirichlet")
-STRATEGIES = ("entropy", "confidence", "fixed")
-SCOPES = ("block", "all")
+from rcd_ext.options import DecodingConfig, ResidualConfig, field_type, option_names
+
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DEFAULT_BLOCK_LENGTH = 32
 _TRUE = ("1", "true", "yes", "on")
@@ -60,8 +57,9 @@ class CheckpointFacts:
 
 @dataclass
 class ModelArgs:
-    """Checked model_args. `decoding` holds `rcd_ext.generate`'s keyword arguments except
-    gen_length (None here: derived per request) and temperature."""
+    """Checked model_args. `residual` and `decoding` are what `rcd_ext.generate` takes;
+    `decoding.gen_length` and `decoding.temperature` are filled per request from `gen_length`
+    (None: the task's max_gen_toks, fitted) and `temperature` (None: the task's)."""
 
     pretrained: str
     tokenizer: str | None
@@ -80,7 +78,8 @@ class ModelArgs:
     greedy_check: bool
     max_length: int | None
     add_bos_token: bool | None
-    decoding: dict[str, Any] = field(default_factory=dict)
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(gen_length=None))
     facts: CheckpointFacts = field(default_factory=CheckpointFacts)
 
 
@@ -248,13 +247,54 @@ def _batch_size(read: _Reader) -> int:
 
 
 # ---- the whole set -------------------------------------------------------------------------------
-KNOWN_KEYS = frozenset((
+# keys that are not residual or decoding options (those are generated from the dataclasses)
+RUN_KEYS = frozenset((
     "pretrained", "tokenizer", "ref_model", "trust_remote_code", "dtype", "device", "batch_size",
-    "max_batch_size", "gen_length", "block_length", "steps", "remasking", "threshold",
-    "temperature", "top_p", "top_k", "cache", "stop_at_eos", "seed", "mask_id", "rcd", "init",
-    "t_res", "temper_delta", "strategy", "alpha_scale", "scope", "dirichlet_concentration",
-    "residual_top_k", "mc_num", "mc_batch_size", "greedy_check", "max_length", "add_bos_token",
+    "max_batch_size", "seed", "mask_id", "rcd", "mc_num", "mc_batch_size", "greedy_check",
+    "max_length", "add_bos_token",
 ))
+OPTION_KEYS = frozenset(option_names(ResidualConfig, DecodingConfig))
+KNOWN_KEYS = RUN_KEYS | OPTION_KEYS
+# decoding options whose lm-eval default is "decided later": gen_length and block_length fitted
+# to the checkpoint (`_fit_lengths`), temperature the task's
+DERIVED_LATER = {"gen_length": None, "block_length": None, "temperature": None}
+
+
+def read_option(read: _Reader, config_class: type, spec: Field, default: Any) -> Any:
+    """One option key, read by its field's type, choices and bounds."""
+    name, kind = spec.name, field_type(config_class, spec.name)
+    choices, bounds = spec.metadata.get("choices"), spec.metadata.get("bounds")
+    if name == "t_res":  # its own message for values too small for float32
+        return _t_res(read)
+    if kind is bool:
+        return read.boolean(name, default)
+    if choices is not None:
+        return read.choice(name, default, tuple(choices))
+    if kind is int:
+        return read.integer(name, default, minimum=None if bounds is None else int(bounds.low))
+    if kind is float:
+        accept = bounds.contains if bounds is not None else math.isfinite
+        return read.real(name, default, accept, bounds.text if bounds is not None else "")
+    return read.text(name) if not read.is_none(name) else default
+
+
+def read_options(read: _Reader, config_class: type,
+                 defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Every field of `config_class` from the model_args (absent: `defaults`, else the field's
+    default)."""
+    return {spec.name: read_option(read, config_class, spec, defaults.get(spec.name, spec.default))
+            for spec in fields(config_class)}
+
+
+def _residual(read: _Reader, ref_model: str | None) -> ResidualConfig:
+    values = read_options(read, ResidualConfig,
+                          {"init": "reference" if ref_model else "cold"})
+    if values["init"] == "reference" and ref_model is None:
+        raise read.fail("init", "needs a reference model", "add ref_model=<path>")
+    try:
+        return ResidualConfig(**values)
+    except ValueError as error:  # a rule between fields; each field's own range is read above
+        raise ModelArgsError(f"{read.model} model_args: {error}") from None
 
 
 def check_model_args(model: str, raw: Mapping[str, Any], *, residuals_default: bool,
@@ -281,34 +321,14 @@ def check_model_args(model: str, raw: Mapping[str, Any], *, residuals_default: b
     if facts is None:
         facts = read_checkpoint_facts(pretrained)
     ref_model = read.text("ref_model")
-    init = read.choice("init", "reference" if ref_model else "cold", INIT_STRATEGIES)
-    if init == "reference" and ref_model is None:
-        raise read.fail("init", "needs a reference model", "add ref_model=<path>")
-    decoding = {
-        "block_length": read.integer("block_length", None),
-        "steps": read.integer("steps", None),
-        "remasking": read.choice("remasking", "fixed", POLICIES),
-        "threshold": read.real("threshold", 0.9, lambda x: 0 < x <= 1, "in (0, 1]"),
-        "top_p": read.real("top_p", 1.0, lambda x: 0 < x <= 1, "in (0, 1]"),
-        "top_k": read.integer("top_k", 0, minimum=0),
-        "cache": read.choice("cache", "none", CACHE_MODES),
-        "stop_at_eos": read.boolean("stop_at_eos", True),
-        "init": init,
-        "t_res": _t_res(read),
-        "temper_delta": read.boolean("temper_delta", False),
-        "strategy": read.choice("strategy", "entropy", STRATEGIES),
-        "alpha_scale": read.real("alpha_scale", 1.0, lambda x: 0 <= x <= 1, "in [0, 1]"),
-        "scope": read.choice("scope", "block", SCOPES),
-        "dirichlet_concentration": read.real("dirichlet_concentration", 1.0, lambda x: x > 0,
-                                             "> 0"),
-        "residual_top_k": read.integer("residual_top_k", None),
-    }
+    residual = _residual(read, ref_model)
+    decoding = read_options(read, DecodingConfig, DERIVED_LATER)
     args = ModelArgs(
         pretrained=pretrained, tokenizer=read.text("tokenizer"), ref_model=ref_model,
         trust_remote_code=bool(read.boolean("trust_remote_code", False)),
         dtype=read.choice("dtype", "auto", DTYPE_NAMES), device=_device(read),
-        batch_size=_batch_size(read), gen_length=read.integer("gen_length", None),
-        temperature=read.real("temperature", None, lambda x: x >= 0, ">= 0"),
+        batch_size=_batch_size(read), gen_length=decoding["gen_length"],
+        temperature=decoding["temperature"],
         seed=int(read.integer("seed", 0, minimum=None) or 0),
         mask_id=read.integer("mask_id", None, minimum=0),
         rcd=bool(read.boolean("rcd", residuals_default)),
@@ -316,9 +336,20 @@ def check_model_args(model: str, raw: Mapping[str, Any], *, residuals_default: b
         mc_batch_size=int(read.integer("mc_batch_size", 32) or 32),
         greedy_check=bool(read.boolean("greedy_check", False)),
         max_length=read.integer("max_length", None, minimum=2),
-        add_bos_token=read.boolean("add_bos_token", None), decoding=decoding, facts=facts)
-    _fit_lengths(read, args)
+        add_bos_token=read.boolean("add_bos_token", None), residual=residual, facts=facts)
+    block_length = _fit_lengths(read, args, decoding["block_length"])
+    args.decoding = _decoding(read, dict(decoding, gen_length=args.gen_length,
+                                         block_length=block_length,
+                                         temperature=args.temperature or 0.0))
     return args
+
+
+def _decoding(read: _Reader, values: dict[str, Any]) -> DecodingConfig:
+    """DecodingConfig's own rules (gen_length / block_length / steps) as a ModelArgsError."""
+    try:
+        return DecodingConfig(**values)
+    except ValueError as error:
+        raise ModelArgsError(f"{read.model} model_args: {error}") from None
 
 
 def _suggestion(unknown: str) -> str:
@@ -329,20 +360,20 @@ def _suggestion(unknown: str) -> str:
         "see help(rcd_ext.integrations.lm_eval_model.RCDLM) or docs/evaluation.md"
 
 
-def _fit_lengths(read: _Reader, args: ModelArgs) -> None:
-    """Default block_length / gen_length from the checkpoint, then check that they fit."""
+def _fit_lengths(read: _Reader, args: ModelArgs, block: int | None) -> int:
+    """Default block_length / gen_length from the checkpoint, then check that they fit the
+    context (the gen_length / block_length / steps rules are DecodingConfig's, in `_decoding`).
+    Sets args.gen_length; returns block_length."""
     facts = args.facts
     if facts.context is not None and args.max_length is not None \
             and args.max_length > facts.context:
         raise read.fail("max_length", f"exceeds the model's context of {facts.context}",
                         f"give at most {facts.context}")
     context = args.max_length or facts.context
-    block = args.decoding["block_length"]
     if block is None:
         block = facts.model_block or facts.answer_length or DEFAULT_BLOCK_LENGTH
         if context is not None and facts.model_block is None:
             block = max(1, min(block, context // 2))
-        args.decoding["block_length"] = block
     elif facts.model_block is not None and block != facts.model_block:
         raise read.fail("block_length", f"differs from the model's own block of "
                         f"{facts.model_block} (a block-causal model decodes its own blocks)",
@@ -350,20 +381,9 @@ def _fit_lengths(read: _Reader, args: ModelArgs) -> None:
     if args.gen_length is None and facts.answer_length is not None \
             and facts.answer_length % block == 0:
         args.gen_length = facts.answer_length
-    gen_length = args.gen_length
-    if gen_length is not None:
-        check_fits(read.model, gen_length, block, context, facts, read.raw.get("gen_length"))
-        if gen_length % block:
-            raise read.fail("gen_length", f"is not a multiple of block_length={block}",
-                            f"give a multiple of {block}")
-    steps = args.decoding["steps"]
-    if steps is not None and gen_length is not None and steps % (gen_length // block):
-        raise read.fail("steps", f"is not a multiple of the {gen_length // block} blocks "
-                        f"(gen_length={gen_length} / block_length={block})",
-                        f"give a multiple of {gen_length // block}")
-    if steps is not None and gen_length is not None and steps > gen_length:
-        raise read.fail("steps", f"exceeds gen_length={gen_length} (at most one step per token)",
-                        f"give at most {gen_length}")
+    if args.gen_length is not None:
+        check_fits(read.model, args.gen_length, block, context, facts, read.raw.get("gen_length"))
+    return block
 
 
 def check_fits(model: str, gen_length: int, block_length: int, context: int | None,

@@ -36,7 +36,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import lm_eval.models  # noqa: F401  built-in models first: the registry fills lazily when empty
@@ -55,6 +55,7 @@ from rcd_ext.integrations.lm_eval_args import (
     check_model_args,
     print_model_args_errors_briefly,
 )
+from rcd_ext.seeding import seeded_generator
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def masked_diffusion_elbo(
         raise ValueError("masked_diffusion_elbo needs a non-empty target")
     if mc_num < 1 or batch_size < 1:
         raise ValueError(f"mc_num and batch_size must be >= 1, got {mc_num}, {batch_size}")
-    generator = generator or torch.Generator().manual_seed(0)
+    generator = generator or seeded_generator(0)
     prompt = torch.tensor(list(prompt_ids), dtype=torch.long)
     target = torch.tensor(list(target_ids), dtype=torch.long)
     length = target.numel()
@@ -216,6 +217,10 @@ class RCDLM(TemplateLM):
             greedy unmasking (L extra forwards per request).
         max_length: longest prompt + generation (default: the model's context); prompts are
             cut from the left to fit (with a warning). add_bos_token: force BOS on / off.
+
+    The residual and decoding keys are the fields of `rcd_ext.options.ResidualConfig` and
+    `DecodingConfig` (read from them: `lm_eval_args.OPTION_KEYS`); the model holds them as
+    `self.residual` and `self.decoding` (gen_length and temperature filled per request).
     """
 
     MODEL_NAME = "rcd"
@@ -251,7 +256,9 @@ class RCDLM(TemplateLM):
 
         self.facts = args.facts
         self.rcd = args.rcd
-        self.decoding: dict[str, Any] = dict(args.decoding)
+        self.residual = args.residual
+        # gen_length / temperature are filled per request (`generate_until`)
+        self.decoding = args.decoding
         self.gen_length = args.gen_length
         self.temperature = args.temperature
         self.seed = args.seed
@@ -262,7 +269,7 @@ class RCDLM(TemplateLM):
         self._max_length = args.max_length
         self.add_bos_token = args.add_bos_token
         if self.gen_length is not None:  # the loaded model's context may be known only now
-            check_fits(self.MODEL_NAME, self.gen_length, self.decoding["block_length"],
+            check_fits(self.MODEL_NAME, self.gen_length, self.decoding.block_length,
                        self.max_length, self._facts_after_load())
         # summed DecodeStats of this process's generate calls (reported in get_model_info)
         self.decode_totals = {"sequences": 0, "tokens": 0, "sequence_steps": 0,
@@ -287,7 +294,7 @@ class RCDLM(TemplateLM):
     def _facts_after_load(self) -> CheckpointFacts:
         block_loop = self.adapter.loop == "block_diffusion"
         return replace(self.facts,
-                       model_block=self.decoding["block_length"] if block_loop else None)
+                       model_block=self.decoding.block_length if block_loop else None)
 
     # ---- distributed plumbing (lm-eval 0.4.13 evaluator calls these) ----------------------------
     def _setup_distributed(self, device: str | None) -> None:
@@ -418,20 +425,22 @@ class RCDLM(TemplateLM):
         return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
                 "model_dtype": str(next(self.model.parameters()).dtype),
                 "model_device": str(next(self.model.parameters()).device),
-                "rcd": self.rcd, "decoding": dict(self.decoding, gen_length=self.gen_length),
+                "rcd": self.rcd,
+                "decoding": {**asdict(self.decoding), **asdict(self.residual),
+                             "gen_length": self.gen_length, "temperature": self.temperature},
                 "decode_stats": self.decode_summary()}
 
     # ---- generate_until -------------------------------------------------------------------------
     def _slack(self) -> int:
         """Positions a block-diffusion loop may need past prompt + generation (block padding)."""
-        return self.decoding["block_length"] - 1 if self.adapter.loop == "block_diffusion" else 0
+        return self.decoding.block_length - 1 if self.adapter.loop == "block_diffusion" else 0
 
     def _generation_length(self, max_gen_toks: int) -> int:
         """gen_length from model_args, else `max_gen_toks` rounded up to whole blocks and capped
         so that the prompt keeps its training length (or half the context) (warned once)."""
         if self.gen_length is not None:
             return self.gen_length
-        block = self.decoding["block_length"]
+        block = self.decoding.block_length
         wanted = -(-max_gen_toks // block) * block
         if self.max_length is None:
             return wanted
@@ -457,7 +466,7 @@ class RCDLM(TemplateLM):
             return None
         budget = self.max_length - gen_length - self._slack()
         if budget < 1:
-            check_fits(self.MODEL_NAME, gen_length, self.decoding["block_length"],
+            check_fits(self.MODEL_NAME, gen_length, self.decoding.block_length,
                        self.max_length, replace(self._facts_after_load(), prompt_length=None))
         return budget
 
@@ -539,9 +548,9 @@ class RCDLM(TemplateLM):
             _, gen_length, temperature = batch[0][0]
             output = generate(
                 self.model, [job[4] for job in batch], tokenizer=self.tokenizer,
-                gen_length=gen_length, temperature=temperature, rcd=self.rcd,
-                ref_model=self.ref_model, seed=self.seed, adapter=self.adapter,
-                **self.decoding)
+                rcd=self.rcd, ref_model=self.ref_model, seed=self.seed, adapter=self.adapter,
+                residual=self.residual,
+                decoding=replace(self.decoding, gen_length=gen_length, temperature=temperature))
             stats = output.stats
             self.decode_totals["sequences"] += stats.batch_size
             self.decode_totals["tokens"] += stats.tokens
@@ -591,8 +600,7 @@ class RCDLM(TemplateLM):
             if not continuation:
                 results.append((0.0, True))
                 continue
-            generator = torch.Generator().manual_seed(
-                _request_seed(self.seed, context, continuation))
+            generator = seeded_generator(_request_seed(self.seed, context, continuation))
             value = masked_diffusion_elbo(
                 self._logits, context, continuation, self.adapter.mask_id, mc_num=self.mc_num,
                 batch_size=self.mc_batch_size, generator=generator, device=self.device)

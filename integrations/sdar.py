@@ -34,8 +34,9 @@ from rcd_ext.integrations.embedding_hook import EmbeddingHookRCD  # noqa: F401 (
 from rcd_ext.integrations.engine_patching import (
     RCDOptions,
     SamplerPatch,
+    bound_arguments,
     build_rcd_model,
-    split_options,
+    unpatched,
 )
 
 SDAR_MASK_ID = 151669
@@ -49,15 +50,13 @@ def rcd_block_diffusion_generate(sampler: Callable[..., Any],
 
     @functools.wraps(sampler)
     def sampler_with_rcd(model: nn.Module, prompt: Any, *args: Any, **kwargs: Any) -> Any:
-        changes, kwargs = split_options(kwargs)
-        options = patch.options.updated(changes)
+        options, kwargs = patch.call_options(kwargs)
         if not options.rcd:
             return sampler(model, prompt, *args, **kwargs)
-        bound = signature.bind(model, prompt, *args, **kwargs)
-        bound.apply_defaults()
+        mask_id = bound_arguments(signature, model, prompt, *args, **kwargs)["mask_id"]
         ids = prompt["input_ids"] if isinstance(prompt, dict) else prompt
         # only the block being decoded is ever given with masks: inject wherever masked
-        rcd_model = build_rcd_model(model, options, mask_id=int(bound.arguments["mask_id"]),
+        rcd_model = build_rcd_model(model, options, mask_id=int(mask_id),
                                     gen_start=int(ids.shape[1]), block_length=None,
                                     scope="all")
         patch.last_rcd_model = rcd_model
@@ -73,15 +72,9 @@ def patch_sdar(generate_module: types.ModuleType | str = "generate",
     module = (importlib.import_module(generate_module) if isinstance(generate_module, str)
               else generate_module)
     patch = SamplerPatch(options=RCDOptions().updated(options))
-    current = module.block_diffusion_generate
-    original = getattr(current, "__rcd_original__", current)
-    module.block_diffusion_generate = rcd_block_diffusion_generate(original, patch)
-    patch.originals["block_diffusion_generate"] = original
-
-    def restore() -> None:
-        module.block_diffusion_generate = original
-
-    patch._restore.append(restore)
+    original = unpatched(module.block_diffusion_generate)
+    patch.replace(module, "block_diffusion_generate",
+                  rcd_block_diffusion_generate(original, patch), original)
     return patch
 
 

@@ -1,8 +1,9 @@
 """rcd-ext: Residual Context Diffusion for diffusion LLMs.
 
 `ops` (the fused op), `generate` and `wrap` load on first use, so that `import rcd_ext` (and
-`rcd --help`) imports neither torch nor transformers. `import rcd_ext.models`
-registers the built-in tiny dLLM with the transformers Auto classes.
+`rcd --help`) imports neither torch nor transformers. `rcd_ext.models.register_tiny_dllm()`
+(or importing any tiny-model name) registers the built-in tiny dLLM with the transformers Auto
+classes.
 """
 
 __version__ = "0.1.0"

@@ -1,10 +1,12 @@
 """`rcd` console script: one subcommand per module in rcd_ext.commands.
 
 Each command module defines `add_parser(subparsers)`, which registers its subparser and sets
-`func` (called with the parsed namespace, returning an exit code). Command modules import only
-argparse and the light checks of rcd_ext.commands at module level; torch, transformers and the
-rest load inside `func`, so `rcd --help` stays fast and a broken optional dependency of one
-command does not take down the others.
+`func` (called with the parsed namespace, returning an exit code). `rcd <cmd> ...` imports only
+that command's module when the module bears the command's name (`rcd eval`, in `evaluate.py`,
+imports them all); `rcd --help` and an unknown command import them all. Command modules
+import only argparse and the light checks of rcd_ext.commands at module level; torch,
+transformers and the rest load inside `func`, so `rcd --help` stays fast and a broken optional
+dependency of one command does not take down the others.
 
 Errors. A mistake of the user is one line on stderr, ``rcd <cmd>: <what> (<fix>)``, and exit
 code 2, with no traceback:
@@ -44,15 +46,28 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_names() -> list[str]:
+    """The subcommands: the public modules of rcd_ext.commands, sorted."""
+    return sorted(m.name for m in pkgutil.iter_modules(commands_package.__path__)
+                  if not m.name.startswith("_"))
+
+
+def _named_command(argv: list[str], names: list[str]) -> str | None:
+    """The command `argv` names (its first word), if it is one of `names`."""
+    words = [word for word in argv if not word.startswith("-")]
+    return words[0] if words and words[0] in names else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `rcd` parser. With `argv` naming a command, only that command's module is imported
+    (a broken optional dependency of another command cannot get in its way); otherwise every
+    command is, for the top-level help and the "invalid choice" list."""
     parser = OneLineParser(prog="rcd", description="Residual Context Diffusion for diffusion LLMs")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_info in sorted(pkgutil.iter_modules(commands_package.__path__),
-                              key=lambda m: m.name):
-        if module_info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"rcd_ext.commands.{module_info.name}")
-        module.add_parser(subparsers)
+    names = command_names()
+    named = _named_command(list(argv or []), names)
+    for name in [named] if named else names:
+        importlib.import_module(f"rcd_ext.commands.{name}").add_parser(subparsers)
     return parser
 
 
@@ -74,7 +89,9 @@ def _exit_code(request: SystemExit) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `rcd` with `argv` (default sys.argv[1:]); returns the exit code."""
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as request:  # --help (0), or a usage error already printed (2)

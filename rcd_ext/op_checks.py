@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from rcd_ext.op_reference import STRATEGIES
+from rcd_ext.alpha_strategies import STRATEGIES
+from rcd_ext.table_cache import TableCache
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The kernels compute in float32 with 1 / t_res: below this 1 / t_res is +inf and every sum NaN.
@@ -92,13 +93,24 @@ def check_logit_values(logits: torch.Tensor) -> torch.Tensor:
     return row_max
 
 
+# tables found finite, kept while unchanged: generate builds a residual state per call, and an
+# 8B model's table is a GB to read
+_finite_tables: TableCache[bool] = TableCache(8)
+
+
 def check_table_values(embed_weight: torch.Tensor, name: str = "embedding table") -> None:
     """Refuse a table with NaN or inf entries (it would turn every residual into NaN silently).
 
-    A full read of the table: meant for the moment a table is first seen, not for every step.
+    A full read of the table the first time it is seen; a table found finite is not read again
+    while it is unchanged (its version counter: `rcd_ext.table_cache`).
     """
-    finite = torch.isfinite(embed_weight).all(-1)
+    _finite_tables.get(embed_weight, None, lambda table: _check_finite(table, name))
+
+
+def _check_finite(table: torch.Tensor, name: str) -> bool:
+    finite = torch.isfinite(table).all(-1)
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0, 0])
         raise ValueError(f"{name} row {row} contains NaN or inf: the residual of every position "
                          "would be NaN (check the checkpoint or the model's dtype)")
+    return True

@@ -7,6 +7,7 @@ For each of the N rows (positions that stay masked) with logits z over V vocabul
     alpha  = alpha_scale * H / log V                  strategy "entropy" (the paper)
            = alpha_scale * (1 - H / log V)            strategy "confidence"
            = alpha_scale                              strategy "fixed"
+             (each strategy's function of H / log V: `rcd_ext.alpha_strategies`)
     p      = softmax(z)          (softmax(z / t_res) when temper_delta)
     delta  = p @ E[:V]                                (full vocabulary, the input embedding table)
     embeds = (1 - alpha) * mask_embed + alpha * delta
@@ -35,7 +36,10 @@ import math
 
 import torch
 
-STRATEGIES = ("entropy", "confidence", "fixed")
+from rcd_ext.alpha_strategies import STRATEGIES, get_alpha_strategy
+
+__all__ = ["STRATEGIES", "reference_alpha", "residual_context_reference",
+           "residual_context_top_k_reference", "tempered_shifted_logits"]
 
 
 def tempered_shifted_logits(z: torch.Tensor, t_res: float) -> torch.Tensor:
@@ -47,51 +51,51 @@ def tempered_shifted_logits(z: torch.Tensor, t_res: float) -> torch.Tensor:
     return shifted if t_res == 1.0 else shifted * (1.0 / t_res)
 
 
+def reference_alpha(z: torch.Tensor, t_res: float, strategy: str,
+                    alpha_scale: float) -> torch.Tensor:
+    """alpha [N] float32 of float32 logits z [N, V] by the registered `strategy`, from the
+    normalized entropy of softmax(z / t_res) (zeros, not computed, when it ignores them)."""
+    chosen = get_alpha_strategy(strategy)
+    n, vocab = z.shape
+    if not chosen.uses_entropy:
+        return chosen.alpha(torch.zeros(n, dtype=torch.float32, device=z.device),
+                            float(alpha_scale))
+    log_q = torch.log_softmax(tempered_shifted_logits(z, t_res), dim=-1)
+    q = log_q.exp()
+    # where q == 0 (including -inf logits) the term is 0, not 0 * -inf = nan
+    plogp = torch.where(q > 0, q * log_q, torch.zeros_like(q))
+    entropy = (-plogp.sum(-1)).clamp(0.0, math.log(vocab))
+    return chosen.alpha(entropy / math.log(vocab), float(alpha_scale))
+
+
+def _mixed(alpha: torch.Tensor, mask_embed: torch.Tensor, delta: torch.Tensor,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """((1 - alpha) mask_embed + alpha delta in `dtype` [N, D], alpha [N])."""
+    mask = mask_embed.detach().float()
+    embeds = (1.0 - alpha)[:, None] * mask[None, :] + alpha[:, None] * delta
+    return embeds.to(dtype), alpha
+
+
 def residual_context_reference(
-    logits: torch.Tensor,
-    embed_weight: torch.Tensor,
-    mask_embed: torch.Tensor,
-    t_res: float = 1.0,
-    temper_delta: bool = False,
-    strategy: str = "entropy",
+    logits: torch.Tensor, embed_weight: torch.Tensor, mask_embed: torch.Tensor,
+    t_res: float = 1.0, temper_delta: bool = False, strategy: str = "entropy",
     alpha_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch residual context. Shapes: logits [N, V], embed_weight [V', D], mask_embed [D].
 
     Returns (embeds [N, D] in embed_weight's dtype, alpha [N] float32).
     """
-    n, vocab = logits.shape
     z = logits.detach().float()
-    table = embed_weight.detach()[:vocab].float()
-    mask = mask_embed.detach().float()
-
-    if strategy == "fixed":
-        alpha = torch.full((n,), float(alpha_scale), dtype=torch.float32, device=z.device)
-    else:
-        log_q = torch.log_softmax(tempered_shifted_logits(z, t_res), dim=-1)
-        q = log_q.exp()
-        # where q == 0 (including -inf logits) the term is 0, not 0 * -inf = nan
-        plogp = torch.where(q > 0, q * log_q, torch.zeros_like(q))
-        entropy = (-plogp.sum(-1)).clamp(0.0, math.log(vocab))
-        normalized = entropy / math.log(vocab)
-        weight = normalized if strategy == "entropy" else 1.0 - normalized
-        alpha = alpha_scale * weight
-
+    table = embed_weight.detach()[:z.shape[1]].float()
+    alpha = reference_alpha(z, t_res, strategy, alpha_scale)
     p = torch.softmax(tempered_shifted_logits(z, t_res if temper_delta else 1.0), dim=-1)
-    delta = p @ table
-    embeds = (1.0 - alpha)[:, None] * mask[None, :] + alpha[:, None] * delta
-    return embeds.to(embed_weight.dtype), alpha
+    return _mixed(alpha, mask_embed, p @ table, embed_weight.dtype)
 
 
 def residual_context_top_k_reference(
-    logits: torch.Tensor,
-    embed_weight: torch.Tensor,
-    mask_embed: torch.Tensor,
-    t_res: float = 1.0,
-    temper_delta: bool = False,
-    strategy: str = "entropy",
-    alpha_scale: float = 1.0,
-    residual_top_k: int | None = None,
+    logits: torch.Tensor, embed_weight: torch.Tensor, mask_embed: torch.Tensor,
+    t_res: float = 1.0, temper_delta: bool = False, strategy: str = "entropy",
+    alpha_scale: float = 1.0, residual_top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch top-k residual context (see the module docstring); None or k >= V is exact.
 
@@ -99,13 +103,11 @@ def residual_context_top_k_reference(
     tail's mean row taken from the tail rows themselves. Returns (embeds [N, D] in
     embed_weight's dtype, alpha [N] float32).
     """
-    n, vocab = logits.shape
+    vocab = logits.shape[1]
     k = vocab if residual_top_k is None else min(int(residual_top_k), vocab)
-    _, alpha = residual_context_reference(logits, embed_weight, mask_embed, t_res, temper_delta,
-                                          strategy, alpha_scale)
     z = logits.detach().float()
     table = embed_weight.detach()[:vocab].float()
-    mask = mask_embed.detach().float()
+    alpha = reference_alpha(z, t_res, strategy, alpha_scale)
     p = torch.softmax(tempered_shifted_logits(z, t_res if temper_delta else 1.0), dim=-1)
     # stable descending sort: among equal logits the lower column comes first
     order = torch.sort(z, dim=-1, descending=True, stable=True).indices
@@ -117,5 +119,4 @@ def residual_context_top_k_reference(
     if k < vocab:
         tail_mean = (~head).float() @ table / (vocab - k)  # [N, D]: each row's own tail
         delta = delta + p_tail.sum(-1, keepdim=True) * tail_mean
-    embeds = (1.0 - alpha)[:, None] * mask[None, :] + alpha[:, None] * delta
-    return embeds.to(embed_weight.dtype), alpha
+    return _mixed(alpha, mask_embed, delta, embed_weight.dtype)

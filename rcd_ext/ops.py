@@ -19,19 +19,15 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-import weakref
-from collections import OrderedDict
 from typing import Literal
 
 import torch
 
 from rcd_ext import _extension, kernel_self_check
+from rcd_ext.alpha_strategies import STRATEGIES, get_alpha_strategy
 from rcd_ext.op_checks import check_logit_values, check_residual_context_args
-from rcd_ext.op_reference import (
-    STRATEGIES,
-    residual_context_reference,
-    residual_context_top_k_reference,
-)
+from rcd_ext.op_reference import residual_context_reference, residual_context_top_k_reference
+from rcd_ext.table_cache import TableCache
 
 __all__ = ["STRATEGIES", "backend", "check_residual_top_k", "clear_table_mean_cache",
            "has_top_k_kernel", "residual_context", "residual_context_reference",
@@ -76,7 +72,9 @@ def residual_context(
         mask_embed: [D] embedding of the mask token, same dtype as embed_weight.
         t_res: residual temperature for alpha (and for delta when temper_delta).
         temper_delta: use softmax(z / t_res) for delta instead of softmax(z).
-        strategy: "entropy" (alpha = H / log V), "confidence" (1 - H / log V) or "fixed".
+        strategy: a registered alpha strategy (`rcd_ext.alpha_strategies`): "entropy"
+            (alpha = H / log V), "confidence" (1 - H / log V), "fixed", or one of your own (a
+            strategy without a kernel code runs the plain-torch path, unfused).
         alpha_scale: multiplies alpha for every strategy (the alpha itself for "fixed").
         residual_top_k: None (default): the exact fused op. An int k >= 1: delta from the k
             largest logits' rows, p_j E_j with the exact full-vocabulary p, plus the rest of
@@ -101,11 +99,16 @@ def residual_context(
                                             top_k)
     args = (logits.detach(), embed_weight.detach(), mask_embed.detach(),
             float(t_res), bool(temper_delta), strategy, float(alpha_scale))
-    if backend(logits.device) == "reference" \
+    if backend(logits.device) == "reference" or not _fused(strategy) \
             or not kernel_self_check.kernel_usable("residual_context", logits.device):
         check_logit_values(args[0])
         return residual_context_reference(*args)
     return _exact_kernel(*args)
+
+
+def _fused(strategy: str) -> bool:
+    """Whether the compiled kernels implement `strategy` (else the plain-torch path runs)."""
+    return get_alpha_strategy(strategy).kernel_code is not None
 
 
 def _exact_kernel(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,8 +167,7 @@ kernel_self_check.register_self_check("residual_context", _self_check_exact)
 # values per intermediate [rows, V] (statistics) or [rows, k, D] (gathered rows) tensor
 TOP_K_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 22}
 TABLE_MEAN_CACHE_SIZE = 8
-# key -> (weakref to the table's storage, its version counter, mean row [D] float32)
-_table_means: OrderedDict[tuple, tuple[weakref.ref, int, torch.Tensor]] = OrderedDict()
+_table_means: TableCache[torch.Tensor] = TableCache(TABLE_MEAN_CACHE_SIZE)
 
 
 def check_residual_top_k(residual_top_k: object) -> int:
@@ -190,37 +192,15 @@ def _chunk_elements(device: torch.device) -> int:
 
 
 def table_mean(embed_weight: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Mean row of embed_weight[:vocab] as float32 [D] (summed in float64), cached.
-
-    The cache is keyed on the table's device, data_ptr, shape, strides, dtype and `vocab`, and an
-    entry is used only while the same storage is alive and the tensor's version counter (bumped
-    by every in-place change, through views too) is unchanged. Changes that bypass the counter
-    (`.data`, inference-mode tensors) are not seen: inference tensors are never cached; call
-    `clear_table_mean_cache()` after changing a table through `.data`.
-    """
-    table = embed_weight.detach()  # shares the version counter and the storage
-    try:
-        version = table._version
-    except RuntimeError:  # inference tensors track no version: recompute every call
-        version = None
-    storage = table.untyped_storage()
-    key = (table.device, table.data_ptr(), tuple(table.shape), table.stride(), table.dtype,
-           int(vocab))
-    entry = _table_means.get(key)
-    if entry is not None and version is not None and entry[0]() is storage \
-            and entry[1] == version:
-        _table_means.move_to_end(key)
-        return entry[2]
-    mean = _mean_row(table[:vocab])
-    if version is None:
+    """Mean row of embed_weight[:vocab] as float32 [D] (summed in float64), cached while the
+    table is unchanged (`rcd_ext.table_cache`); call `clear_table_mean_cache()` after changing
+    a table through `.data`."""
+    mean, cached = _table_means.get(embed_weight, int(vocab),
+                                    lambda table: _mean_row(table[:vocab]))
+    if not cached:
         warnings.warn("residual_top_k: the embedding table is an inference tensor (no version "
                       "counter), so its mean row is recomputed on every call (a full table read)",
                       stacklevel=3)
-        return mean
-    _table_means[key] = (weakref.ref(storage), version, mean)
-    _table_means.move_to_end(key)
-    while len(_table_means) > TABLE_MEAN_CACHE_SIZE:
-        _table_means.popitem(last=False)
     return mean
 
 
@@ -281,6 +261,7 @@ def _residual_context_top_k(logits: torch.Tensor, embed_weight: torch.Tensor,
     rows_per_chunk = max(1, budget // vocab)
     rows_per_gather = max(1, budget // (k * dim))
     log_vocab = math.log(vocab)
+    chosen = get_alpha_strategy(strategy)
     finite_floor = torch.finfo(torch.float32).min
 
     def shifted_logits(z: torch.Tensor, m: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -293,9 +274,9 @@ def _residual_context_top_k(logits: torch.Tensor, embed_weight: torch.Tensor,
         m = row_max[start:start + rows_per_chunk]
         columns = _top_k_columns(z, k)
         p_top = None
-        if strategy == "fixed":
-            chunk_alpha = torch.full((z.shape[0],), alpha_scale, dtype=torch.float32,
-                                     device=device)
+        if not chosen.uses_entropy:
+            chunk_alpha = chosen.alpha(torch.zeros(z.shape[0], dtype=torch.float32,
+                                                   device=device), alpha_scale)
         else:
             shifted = shifted_logits(z, m, t_res)
             weights = shifted.exp()
@@ -308,7 +289,7 @@ def _residual_context_top_k(logits: torch.Tensor, embed_weight: torch.Tensor,
             del shifted, weights
             entropy = total.log() - weighted / total
             normalized = entropy.clamp(0.0, log_vocab) / log_vocab
-            chunk_alpha = alpha_scale * (normalized if strategy == "entropy" else 1 - normalized)
+            chunk_alpha = chosen.alpha(normalized, alpha_scale)
         if p_top is None:
             weights = shifted_logits(z, m, t_res if temper_delta else 1.0).exp_()
             p_top = weights.gather(1, columns) / weights.sum(-1, keepdim=True)
@@ -374,7 +355,7 @@ def _sparse_residual_context(logits: torch.Tensor, embed_weight: torch.Tensor,
     """The sparse residual (1 <= k < V): the registered op where the device has a kernel for k,
     else the plain-torch version. Returns (embeds [N, D] in the table's dtype, alpha [N])."""
     logits, table, mask = logits.detach(), embed_weight.detach(), mask_embed.detach()
-    if not has_top_k_kernel(logits.device, k) \
+    if not has_top_k_kernel(logits.device, k) or not _fused(strategy) \
             or not kernel_self_check.kernel_usable("residual_context_top_k", logits.device):
         return _residual_context_top_k(logits, table, mask, t_res, temper_delta, strategy,
                                        alpha_scale, k)

@@ -6,7 +6,7 @@ position masked, plus alpha itself (for tracing). It knows nothing about any mod
 engine: tensors in, embeddings out. The model wrapper (`rcd_ext.wrapper`) and through it
 `rcd_ext.generate` are its only users, so there is one implementation of the residual logic.
 
-Rules (rcd-method.md, Algorithm 2):
+Rules (the paper's Algorithm 2; docs/decoding.md):
 - only positions whose input token is the mask id receive a residual; every other position gets
   its plain token embedding;
 - `update` overwrites the stored residual of every masked position it is given (no
@@ -19,62 +19,18 @@ Rules (rcd-method.md, Algorithm 2):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from rcd_ext.op_checks import check_t_res, check_table_values
-from rcd_ext.ops import STRATEGIES, check_residual_top_k, residual_context
+from rcd_ext.init_strategies import INIT_STRATEGIES  # live view of the registry
+from rcd_ext.op_checks import check_table_values
+from rcd_ext.ops import residual_context
 
-INIT_STRATEGIES = ("cold", "reference", "self", "dirichlet")
+# the options dataclass lives in the torch-free rcd_ext.options (the CLI builds its flags from
+# it); re-exported here, where the residual's users have always imported it
+from rcd_ext.options import ResidualConfig
+
 SCOPES = ("block", "all")
-
-
-@dataclass(frozen=True)
-class ResidualConfig:
-    """Residual options (defaults: the paper's printed algorithm).
-
-    t_res: temperature of the entropy that gives alpha (and delta when temper_delta).
-    temper_delta: take delta from softmax(z / t_res) instead of softmax(z).
-    strategy: "entropy" (alpha = H / log V), "confidence" (1 - H / log V) or "fixed".
-    alpha_scale: multiplies alpha; with strategy "fixed" it is alpha. 0 turns residuals off.
-    init: what a masked position gets before it has logits of its own: cold | reference | self |
-        dirichlet.
-    dirichlet_concentration: c of the symmetric Dirichlet used by init "dirichlet".
-    scope: "block" injects only inside the block being decoded (positions of later blocks keep
-        plain [M]: the same inputs in every cache mode, and N rows of work per step instead of
-        the whole tail); "all" injects at every masked position that has logits.
-    residual_top_k: None (default) for the exact residual; k >= 1 takes delta from the k most
-        likely tokens' embedding rows plus the tail's mass spread uniformly over the other rows
-        (alpha stays exact): k rows of the table read per position instead of all V
-        (`rcd_ext.ops.residual_context`).
-    """
-
-    t_res: float = 1.0
-    temper_delta: bool = False
-    strategy: str = "entropy"
-    alpha_scale: float = 1.0
-    init: str = "cold"
-    dirichlet_concentration: float = 1.0
-    scope: str = "block"
-    residual_top_k: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.init not in INIT_STRATEGIES:
-            raise ValueError(f"init must be one of {INIT_STRATEGIES}, got {self.init!r}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        check_t_res(self.t_res)
-        if not 0.0 <= self.alpha_scale <= 1.0:
-            raise ValueError(f"alpha_scale must be in [0, 1], got {self.alpha_scale!r}")
-        if not self.dirichlet_concentration > 0:
-            raise ValueError(
-                f"dirichlet_concentration must be > 0, got {self.dirichlet_concentration!r}"
-            )
-        if self.residual_top_k is not None:
-            check_residual_top_k(self.residual_top_k)
+__all__ = ["INIT_STRATEGIES", "SCOPES", "ResidualConfig", "ResidualState", "dirichlet_logits"]
 
 
 def dirichlet_logits(
@@ -137,8 +93,8 @@ class ResidualState:
             raise ValueError(
                 f"mask id {mask_id} is outside the embedding table ({embed_weight.shape[0]} rows)"
             )
-        # one full read of the table per state: a NaN row would otherwise turn every residual
-        # (and so every later step's logits) into NaN with no error pointing at the table
+        # a NaN row would otherwise turn every residual (and so every later step's logits)
+        # into NaN with no error pointing at the table; read once per unchanged table
         check_table_values(embed_weight.detach(), "input embedding table")
         self.embed_weight = embed_weight
         self.mask_id = int(mask_id)
@@ -170,9 +126,8 @@ class ResidualState:
 
     @property
     def residuals_held(self) -> int:
-        """Pool rows in use (residuals in flight)."""
-        self._held_bound = int(self.pool_used.sum()) - 1  # the sentinel is no residual
-        return self._held_bound
+        """Pool rows in use (residuals in flight); one host read."""
+        return int(self.pool_used.sum()) - 1  # the sentinel is no residual
 
     def reset(self, batch_size: int = 0) -> None:
         """Forget every residual (new prompt batch); the pool keeps its capacity."""
@@ -212,7 +167,8 @@ class ResidualState:
         """[count] long: free pool rows, now marked used (the pool doubles when full)."""
         capacity = self.pool_used.shape[0]
         if capacity - 1 - self._held_bound < count:
-            held = self.residuals_held  # the bound may be stale: count exactly
+            # the bound counts releases as if nothing were freed: count exactly
+            held = self._held_bound = self.residuals_held
             if capacity - 1 - held < count:
                 new_capacity = max(2 * capacity, held + 1 + count, 16)
                 with torch.inference_mode(False):

@@ -29,8 +29,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from rcd_ext.alpha_strategies import STRATEGIES, get_alpha_strategy
 from rcd_ext.op_checks import FLOAT_DTYPES, check_t_res
-from rcd_ext.op_reference import STRATEGIES
 from rcd_ext.ops import _top_k_columns, check_residual_top_k, residual_context
 
 __all__ = ["CHUNK_ELEMENTS", "residual_context_vocab_parallel", "shard_bounds", "world_size"]
@@ -193,7 +193,8 @@ def _shard_partials(logits: torch.Tensor, table: torch.Tensor, row_max: torch.Te
     stats = torch.zeros((3, n), dtype=torch.float32, device=logits.device)
     numerator = torch.zeros((n, dim), dtype=torch.float32, device=logits.device) \
         if with_numerator else None
-    need_tempered = t_res != 1.0 and (temper_delta or strategy != "fixed")
+    uses_entropy = get_alpha_strategy(strategy).uses_entropy
+    need_tempered = t_res != 1.0 and (temper_delta or uses_entropy)
     for start in range(0, logits.shape[1], step):
         shifted = torch.sub(logits[:, start:start + step], row_max)  # float32 [N, chunk], <= 0
         weights = shifted.exp()
@@ -204,7 +205,7 @@ def _shard_partials(logits: torch.Tensor, table: torch.Tensor, row_max: torch.Te
         else:
             tempered = weights
         stats[1] += tempered.sum(-1)
-        if strategy != "fixed":
+        if uses_entropy:
             # a -inf logit has e^u = 0 and must add 0, not 0 * -inf
             stats[2] += (tempered * shifted.clamp_(min=_FINITE_FLOOR)).sum(-1)
         if numerator is not None:
@@ -218,12 +219,12 @@ def _alpha(s_t: torch.Tensor, w_t: torch.Tensor, vocab: int, strategy: str, alph
     """alpha [N] from the merged tempered sums (as `rcd_ext.op_reference`)."""
     if vocab < 2:
         raise ValueError(f"logits need at least 2 vocabulary columns in all, got V={vocab}")
-    if strategy == "fixed":
-        return torch.full((n,), alpha_scale, dtype=torch.float32, device=device)
+    chosen = get_alpha_strategy(strategy)
+    if not chosen.uses_entropy:
+        return chosen.alpha(torch.zeros(n, dtype=torch.float32, device=device), alpha_scale)
     log_vocab = math.log(vocab)
     entropy = (s_t.log() - w_t / s_t).clamp(0.0, log_vocab)
-    normalized = entropy / log_vocab
-    return alpha_scale * (normalized if strategy == "entropy" else 1.0 - normalized)
+    return chosen.alpha(entropy / log_vocab, alpha_scale)
 
 
 def _global_top_k(logits: torch.Tensor, vocab_start: int, k: int, group) -> torch.Tensor:

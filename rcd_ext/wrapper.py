@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from rcd_ext.embedding_rewrite import EmbeddingRewrite
+from rcd_ext.init_strategies import InitCall, get_init_strategy
 from rcd_ext.models.adapters import ModelAdapter, check_reference, get_adapter
-from rcd_ext.residual import ResidualConfig, ResidualState, dirichlet_logits
+from rcd_ext.residual import ResidualConfig, ResidualState
 
 UNKNOWN = -1  # token id recorded for positions the wrapper has not seen
 # block index given to columns no block counts (before a row's origin, or no masks left): far
@@ -100,9 +102,10 @@ class RCDModel:
             self.adapter.check_accepts_embeddings()
         self.ref_model = ref_model
         self.ref_adapter = None
-        if self.residual_config.init == "reference":
+        init = get_init_strategy(self.residual_config.init)
+        if init.needs_reference:
             if ref_model is None:
-                raise ValueError("init='reference' needs ref_model (a frozen reference dLLM "
+                raise ValueError(f"init={init.name!r} needs ref_model (a frozen reference dLLM "
                                  "with the target's tokenizer)")
             self.ref_adapter = ref_adapter or get_adapter(ref_model, ref_tokenizer,
                                                           mask_id=self.adapter.mask_id)
@@ -129,16 +132,15 @@ class RCDModel:
         self._arange_cache: tuple[tuple, torch.Tensor] | None = None
         # (key, origin, block_of, block_key): see `_blocks`
         self._block_cache: tuple | None = None
-        # (ids, positions, scope, length) for the embedding hook
-        self._pending: tuple | None = None
         self._deferred: tuple | None = None  # (logits, positions, scope) of the latest call
         # with record_inputs, last_call = (positions [B, l], alpha injected [B, l]) of the
         # latest call (for step traces; off by default: it costs a gather per call)
         self.record_inputs = False
         self.last_call: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._hook = None
+        # injection="hook": announced (ids, positions, scope, length) of the forwarded call
+        self._hook: EmbeddingRewrite | None = None
         if injection == "hook":
-            self._hook = model.get_input_embeddings().register_forward_hook(self._embedding_hook)
+            self._hook = EmbeddingRewrite(model.get_input_embeddings(), self._embedding_hook)
         self.reset()
 
     # ---- plumbing ---------------------------------------------------------------------------
@@ -151,8 +153,7 @@ class RCDModel:
     def remove(self) -> None:
         """Detach the embedding hook (injection='hook'); the wrapper stops injecting."""
         if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+            self._hook.remove()  # kept: re-enabling then reports "did not fire", as before
         self.enabled = False
 
     @property
@@ -310,11 +311,12 @@ class RCDModel:
                               self.state.alpha_at(positions, length=length) * injected)
         if self.injection == "hook":
             # the model embeds the ids itself; the hook swaps in the residual rows
-            self._pending = (input_ids, positions, scope, length)
+            self._hook.announce((input_ids, positions, scope, length))
             try:
                 output = self.model(*args, **kwargs)
             finally:
-                fired, self._pending = self._pending is None, None
+                fired = self._hook.pending is None
+                self._hook.cancel()
             if not fired:
                 raise RuntimeError(
                     f"the input-embedding hook of {type(self.model).__name__} did not fire "
@@ -344,11 +346,10 @@ class RCDModel:
         self.stats.residual_rows += self.state.update(logits, current, positions, scope,
                                                       length=self.sequence.shape[1])
 
-    def _embedding_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> Any:
-        pending = self._pending
-        if pending is None or not inputs or not torch.equal(inputs[0], pending[0]):
+    def _embedding_hook(self, pending: tuple, inputs: tuple, output: torch.Tensor) -> Any:
+        if not inputs or not torch.equal(inputs[0], pending[0]):
             return output  # not the call being wrapped (e.g. an init or reference forward)
-        self._pending = None
+        self._hook.cancel()  # consumed: the forward's own embedding happened
         input_ids, positions, scope, length = pending
         return self.state.inject(output, input_ids, positions, scope, length=length)
 
@@ -368,9 +369,10 @@ class RCDModel:
     def _prime(self, input_ids: torch.Tensor, positions: torch.Tensor,
                scope: torch.Tensor | None, arguments: dict[str, Any], args: tuple,
                kwargs: dict[str, Any]) -> None:
-        """Apply the init strategy to masked in-scope positions that have no residual yet."""
-        init = self.residual_config.init
-        if init == "cold":
+        """Apply the init strategy (`rcd_ext.init_strategies`) to masked in-scope positions
+        that have no residual yet."""
+        init = get_init_strategy(self.residual_config.init)
+        if init.logits is None:
             return
         missing = ((input_ids == self.mask_id)
                    & ~self.state.has_residual(positions, length=self.sequence.shape[1]))
@@ -379,31 +381,7 @@ class RCDModel:
         if not bool(missing.any()):
             return
         rows, cols = missing.nonzero(as_tuple=True)
-        if init == "dirichlet":
-            logits = dirichlet_logits(
-                int(rows.numel()), self.adapter.vocab_size,
-                self.residual_config.dirichlet_concentration,
-                generator=self.generator, device="cpu",
-            ).to(self.adapter.embed_weight.device)
-        elif init == "self":
-            with torch.no_grad():
-                output = self.model(*args, **kwargs)
-            self.stats.self_init_forwards += 1
-            logits = self.adapter.logits(output)[rows, cols]
-        else:
-            end = int(positions.max()) + 1
-            context = self.sequence[:, :end]
-            if bool((context == UNKNOWN).any()):
-                raise ValueError(
-                    "init='reference' needs every token before the positions being decoded, "
-                    "but the wrapper has not seen all of them (call it once on the full "
-                    "sequence first, or use init='self' / 'dirichlet' / 'cold')"
-                )
-            extra = self.ref_adapter.uncached_kwargs(end, self.block_length, input_ids.device)
-            with torch.no_grad():
-                output = self.ref_model(input_ids=context, **extra)
-            self.stats.reference_forwards += 1
-            logits = self.ref_adapter.logits(output)[rows, positions[rows, cols]]
+        logits = init.logits(self, InitCall(input_ids, positions, rows, cols, args, kwargs))
         self.state.write(rows, positions[rows, cols], logits)
 
 
@@ -416,37 +394,32 @@ def wrap(
     mask_id: int | None = None,
     block_length: int | None = None,
     block_origin: str = "prompt",
-    t_res: float = 1.0,
-    temper_delta: bool = False,
-    strategy: str = "entropy",
-    alpha_scale: float = 1.0,
-    init: str = "cold",
-    scope: str = "block",
-    dirichlet_concentration: float = 1.0,
-    residual_top_k: int | None = None,
+    residual: ResidualConfig | None = None,
     seed: int | None = None,
     enabled: bool = True,
     injection: str = "inputs_embeds",
+    **options: Any,
 ) -> RCDModel:
     """Wrap `model` so that any sampler calling it decodes with residual context (RCD).
 
     Call the result like the model: `out = rcd_model(x)` with x [B, L] token ids, or
     `rcd_model(x[:, s:], past_key_values=..., use_cache=..., replace_position=...)`.
-    Residual options as in `ResidualConfig`; `block_length` (with `block_origin` 'prompt' for
+    Residual options: `residual=ResidualConfig(...)`, or the same fields as flat keywords
+    (`t_res=0.92, init="dirichlet"`, the dataclass's defaults; both at once: ValueError).
+    `block_length` (with `block_origin` 'prompt' for
     LLaDA-style semi-AR blocks after the prompt, 'absolute' for block-diffusion models) limits
     injection to the block being decoded (scope='block'); without it every masked position
     with logits gets a residual. Call `.reset()` between prompts (also detected on its own).
     `injection="hook"` leaves the call untouched and swaps the residual rows into the output of
     the model's input-embedding module (models whose forward takes no inputs_embeds).
+    `seed` seeds the Dirichlet init (`rcd_ext.seeding`, stream 0).
     """
-    config = ResidualConfig(t_res=t_res, temper_delta=temper_delta, strategy=strategy,
-                            alpha_scale=alpha_scale, init=init, scope=scope,
-                            dirichlet_concentration=dirichlet_concentration,
-                            residual_top_k=residual_top_k)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
+    from rcd_ext.options import build, split_flat
+    from rcd_ext.seeding import seeded_generator
+
+    (flat,) = split_flat(options, ResidualConfig)
+    config = build(ResidualConfig, residual, flat, "residual")
     return RCDModel(model, ref_model=ref_model, config=config, tokenizer=tokenizer,
                     ref_tokenizer=ref_tokenizer, mask_id=mask_id, block_length=block_length,
-                    block_origin=block_origin, generator=generator, enabled=enabled,
-                    injection=injection)
+                    block_origin=block_origin, generator=seeded_generator(seed),
+                    enabled=enabled, injection=injection)

@@ -367,12 +367,13 @@ def test_train_rcd_without_a_reference_is_refused(tmp_path, capsys, no_heavy_wor
     assert "--stage rcd --residual-source previous-step needs --reference" in err
 
 
-def test_train_tiny_needs_a_task(tmp_path, capsys, no_heavy_work):
+def test_train_tiny_on_a_bad_jsonl_is_refused_before_training(tmp_path, capsys, no_heavy_work):
+    # --model tiny builds its vocabulary from a .jsonl file too (issue 16): a bad row is refused
     data = tmp_path / "train.jsonl"
     data.write_text("{}\n")
     err = refusal(["train", "--stage", "seqd", "--model", "tiny", "--data", str(data),
                    "--output-dir", str(tmp_path / "out")], capsys)
-    assert "--model tiny builds its vocabulary from a task (use --data task:NAME)" in err
+    assert err.startswith(f"rcd train: {data}:1: no 'prompt' (expected keys 'prompt' and ")
 
 
 # --- unknown words ----------------------------------------------------------------------------

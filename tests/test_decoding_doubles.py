@@ -1,7 +1,8 @@
 """Test doubles for the decoding tests, written from scratch: tiny models with the public forward
 signatures of LLaDA (Fast-dLLM variant, with replace_position), SDAR (block-causal, store_kv)
 and Dream (mask 151666, logits shifted by one), a tiny-dLLM factory and a plain sampler that
-shares no code with rcd_ext.decoding. The tests at the bottom check the doubles themselves.
+shares no code with rcd_ext.decoding. Their attention layer is the engine doubles' one
+(`tests/engine_doubles/models.py`). The tests at the bottom check the doubles themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from rcd_ext.models import TinyDLLMConfig, TinyDLLMModel
+from tests.engine_doubles.models import _AttentionCore
 
 LLADA_VOCAB, LLADA_MASK = 126464, 126336
 DREAM_VOCAB, DREAM_MASK = 151680, 151666
@@ -31,37 +33,10 @@ def tiny_model(attention: str = "bidirectional", block_length: int | None = None
     return TinyDLLMModel(config).eval()
 
 
-class _Core(nn.Module):
-    """One attention layer with learned positions; K/V per layer as (B, H, L, d)."""
-
-    def __init__(self, vocab: int, dim: int = 8, heads: int = 2, max_len: int = 64, seed: int = 0):
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        self.embed = nn.Embedding(vocab, dim)
-        self.pos = nn.Embedding(max_len, dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-        for parameter in self.parameters():
-            parameter.data = torch.randn(parameter.shape, generator=generator)
-            parameter.requires_grad_(False)
-        self.heads, self.dim = heads, dim
-
-    def project(self, embeds: torch.Tensor, positions: torch.Tensor):
-        hidden = embeds + self.pos(positions)
-        batch, length, _ = hidden.shape
-        q, k, v = self.qkv(hidden).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        return hidden, q, k.contiguous(), v.contiguous()
-
-    def attend(self, hidden, q, k, v, allowed=None):
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        out = out.transpose(1, 2).reshape(hidden.shape)
-        return self.head(hidden + out).float()
-
-
-def _embeds(core: _Core, input_ids, inputs_embeds):
+def _embeds(core: _AttentionCore, input_ids, inputs_embeds):
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("exactly one of input_ids and inputs_embeds")
-    return core.embed(input_ids) if input_ids is not None else inputs_embeds
+    return core.wte(input_ids) if input_ids is not None else inputs_embeds
 
 
 class LLaDADouble(nn.Module):
@@ -70,13 +45,13 @@ class LLaDADouble(nn.Module):
 
     def __init__(self, seed: int = 0):
         super().__init__()
-        self.core = _Core(LLADA_VOCAB, seed=seed)
+        self.core = _AttentionCore(LLADA_VOCAB, dim=8, heads=2, max_len=64, seed=seed)
         self.config = SimpleNamespace(model_type="llada", vocab_size=LLADA_VOCAB,
                                       max_sequence_length=64, eos_token_id=None,
                                       pad_token_id=None, mask_token_id=None)
 
     def get_input_embeddings(self):
-        return self.core.embed
+        return self.core.wte
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, attention_bias=None,
                 past_key_values=None, use_cache=False, replace_position=None,
@@ -88,7 +63,7 @@ class LLaDADouble(nn.Module):
         else:
             start = 0 if past_key_values is None else past_key_values[0][0].shape[2]
             positions = (start + torch.arange(length))[None].expand(batch, -1)
-        hidden, q, k, v = self.core.project(embeds, positions)
+        hidden, q, k, v = self.core.qkv_heads(embeds, positions)
         if replace_position is not None:
             cached_k, cached_v = past_key_values[0]
             cached_k[:, :, positions[0]] = k  # in place, as the dual-cache code does
@@ -97,7 +72,7 @@ class LLaDADouble(nn.Module):
         elif past_key_values is not None:
             k = torch.cat([past_key_values[0][0], k], 2)
             v = torch.cat([past_key_values[0][1], v], 2)
-        logits = self.core.attend(hidden, q, k, v)
+        logits = self.core.logits(hidden, q, k, v)
         return SimpleNamespace(logits=logits, past_key_values=((k, v),) if use_cache else None)
 
     __call__ = nn.Module.__call__
@@ -108,14 +83,14 @@ class SDARDouble(nn.Module):
 
     def __init__(self, block: int = 4, seed: int = 0):
         super().__init__()
-        self.core = _Core(SDAR_VOCAB, seed=seed)
+        self.core = _AttentionCore(SDAR_VOCAB, dim=8, heads=2, max_len=64, seed=seed)
         self.block = block
         self.config = SimpleNamespace(model_type="sdar", vocab_size=SDAR_VOCAB,
                                       max_position_embeddings=64, eos_token_id=None,
                                       pad_token_id=None, mask_token_id=None)
 
     def get_input_embeddings(self):
-        return self.core.embed
+        return self.core.wte
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, use_cache=None, store_kv=False,
@@ -126,7 +101,7 @@ class SDARDouble(nn.Module):
         positions = (start + torch.arange(length))[None].expand(batch, -1)
         if position_ids is not None:  # SDAR's sampler passes absolute positions
             assert torch.equal(position_ids.expand(batch, -1), positions)
-        hidden, q, k, v = self.core.project(embeds, positions)
+        hidden, q, k, v = self.core.qkv_heads(embeds, positions)
         if store_kv and past_key_values is not None:
             k_all, v_all = past_key_values.update(k, v, 0)  # in place, as SDAR does
         elif start:
@@ -140,7 +115,7 @@ class SDARDouble(nn.Module):
         if attention_mask is not None:  # [1, 1, l, cached + l], 1 = may attend
             assert torch.equal(attention_mask[0, 0].bool(), allowed)
             allowed = attention_mask.bool()
-        logits = self.core.attend(hidden, q, k_all, v_all, allowed)
+        logits = self.core.logits(hidden, q, k_all, v_all, allowed)
         return SimpleNamespace(logits=logits, past_key_values=past_key_values)
 
     __call__ = nn.Module.__call__
@@ -151,20 +126,20 @@ class DreamDouble(nn.Module):
 
     def __init__(self, seed: int = 0):
         super().__init__()
-        self.core = _Core(DREAM_VOCAB, seed=seed)
+        self.core = _AttentionCore(DREAM_VOCAB, dim=8, heads=2, max_len=64, seed=seed)
         self.config = SimpleNamespace(model_type="Dream", vocab_size=DREAM_VOCAB,
                                       max_position_embeddings=64, eos_token_id=None,
                                       pad_token_id=None, mask_token_id=None)
 
     def get_input_embeddings(self):
-        return self.core.embed
+        return self.core.wte
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
         embeds = _embeds(self.core, input_ids, inputs_embeds)
         batch, length, _ = embeds.shape
         positions = torch.arange(length)[None].expand(batch, -1)
-        return SimpleNamespace(logits=self.core.attend(*self.core.project(embeds, positions)))
+        return SimpleNamespace(logits=self.core.logits(*self.core.qkv_heads(embeds, positions)))
 
     __call__ = nn.Module.__call__
 

@@ -41,6 +41,28 @@ def test_residual_state_refuses_a_table_with_non_finite_rows(bad):
         ResidualState(table, mask_id=9, config=ResidualConfig())
 
 
+def test_an_unchanged_table_is_read_once_and_an_in_place_change_is_seen(monkeypatch):
+    from rcd_ext import op_checks
+
+    reads = []
+    check = op_checks._check_finite
+    monkeypatch.setattr(op_checks, "_check_finite",
+                        lambda table, name: reads.append(table.shape) or check(table, name))
+    table = torch.randn(10, 4)
+    for _ in range(3):
+        ResidualState(table, mask_id=9, config=ResidualConfig())
+    assert len(reads) == 1
+    table[3, 1] = math.nan  # in place: the version counter moves on
+    with pytest.raises(ValueError, match="input embedding table row 3 contains NaN or inf"):
+        ResidualState(table, mask_id=9, config=ResidualConfig())
+    assert len(reads) == 2
+    with torch.inference_mode():
+        frozen = torch.randn(10, 4)
+    for _ in range(2):  # no version counter: read every time
+        ResidualState(frozen, mask_id=9, config=ResidualConfig())
+    assert len(reads) == 4
+
+
 def test_residual_state_accepts_a_finite_half_table():
     state = ResidualState(torch.randn(10, 4).bfloat16(), mask_id=9, config=ResidualConfig())
     assert state.mask_embed.dtype == torch.bfloat16

@@ -4,13 +4,9 @@ defaults that fit the shipped demo checkpoints; prompts cut to the context are r
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
-
-for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ[_name] = "1"
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
@@ -117,8 +113,8 @@ def test_demo_checkpoint_facts_come_from_its_config_and_training_record() -> Non
 
 def test_defaults_fit_the_demo_checkpoint_and_decode_its_task() -> None:
     lm = RCDLM.create_from_arg_string(f"pretrained={DEMO}", {"device": "cpu", "batch_size": 4})
-    assert lm.gen_length == 8 and lm.decoding["block_length"] == 8
-    assert lm.decoding["steps"] is None  # generate's default: gen_length, one token per step
+    assert lm.gen_length == 8 and lm.decoding.block_length == 8
+    assert lm.decoding.steps is None  # generate's default: gen_length, one token per step
     task = get_task("coupled_choices")
     prompts, _ = task.sample_train(4, generator=torch.Generator().manual_seed(0))
     requests = [Instance("generate_until", {}, (task.prompt_text(p), {"until": [],
@@ -143,16 +139,16 @@ def test_lm_eval_values_are_accepted_as_lm_eval_parses_them(tiny_path) -> None:
         f"pretrained={tiny_path},gen_length=8,block_length=4,steps=4,threshold=0.5,"
         "remasking=threshold,stop_at_eos=false,t_res=0.92,residual_top_k=none,temperature=0",
         {"device": "cpu"})
-    assert lm.decoding["steps"] == 4 and lm.decoding["threshold"] == 0.5
-    assert lm.decoding["stop_at_eos"] is False and lm.decoding["residual_top_k"] is None
-    assert lm.decoding["t_res"] == pytest.approx(0.92) and lm.temperature == 0.0
+    assert lm.decoding.steps == 4 and lm.decoding.threshold == 0.5
+    assert lm.decoding.stop_at_eos is False and lm.residual.residual_top_k is None
+    assert lm.residual.t_res == pytest.approx(0.92) and lm.temperature == 0.0
     assert lm.rcd is False
 
 
 def test_block_length_default_is_at_most_half_the_context(tiny_path) -> None:
     args = check_model_args("rcd", {"pretrained": tiny_path}, residuals_default=True,
                             facts=CheckpointFacts(context=24))
-    assert args.decoding["block_length"] == 12 and args.gen_length is None
+    assert args.decoding.block_length == 12 and args.gen_length is None
 
 
 def test_cut_prompts_are_reported_once_per_call_with_counts(tiny_path, caplog) -> None:

@@ -1,5 +1,5 @@
 // Device helpers shared by the CUDA kernels of the exact and the sparse op: dtype conversion,
-// warp and block reductions, and the constants that mirror csrc/residual_context.h.
+// warp and block reductions (strategy and row-status codes: csrc/residual_codes.h).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "cuda/residual_context_launchers.h"
+#include "residual_codes.h"  // Strategy, RowStatus, alpha_from_normalized
 
 namespace rcd_ext::cuda {
 namespace {
@@ -16,13 +17,6 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr float kLowestExponent = -104.0f;  // e^y is 0 below; avoids 0 * -inf in e^y * y
 
-// Mirrors rcd_ext::Strategy and rcd_ext::RowStatus (csrc/residual_context.h).
-constexpr int32_t kStrategyEntropy = 0;
-constexpr int32_t kStrategyConfidence = 1;
-constexpr int32_t kRowOk = 0;
-constexpr int32_t kRowNaN = 1;
-constexpr int32_t kRowPosInf = 2;
-constexpr int32_t kRowNoFiniteLogit = 3;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

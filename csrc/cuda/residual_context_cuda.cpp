@@ -2,8 +2,9 @@
 // residual_context_kernels.cu. The p.E product is a cuBLAS GEMM per V-chunk through ATen
 // (mm with a float32 output dtype: half inputs, float32 accumulation on the tensor cores).
 //
-// Includes c10/cuda headers only (the CUDA toolkit here has no cuBLAS headers, so
-// ATen/cuda/CUDAContext.h is out of reach; ATen's own mm brings cuBLAS).
+// Includes c10/cuda headers only, so the build needs no cuBLAS development headers (minimal
+// CUDA toolkits, the CI compile check's among them, lack them, and ATen/cuda/CUDAContext.h
+// includes them); ATen's own mm brings cuBLAS.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -45,7 +46,7 @@ struct CudaKernels {
                               logits.stride(0),
                               params.inv_t_res,
                               params.temper_delta,
-                              static_cast<int32_t>(params.strategy),
+                              strategy_code(params.strategy),
                               params.alpha_scale,
                               params.log_vocab,
                               row_max.data_ptr<float>(),

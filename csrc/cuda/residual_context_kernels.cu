@@ -115,9 +115,7 @@ __global__ void merge_partials_kernel(const float* __restrict__ partials, int64_
   if (shared_sums) s_prob = s_ent;
   const float entropy = fminf(fmaxf(logf(s_ent) - u_ent / s_ent, 0.0f), log_vocab);
   const float normalized = entropy / log_vocab;
-  float a = alpha_scale;
-  if (strategy == kStrategyEntropy) a = alpha_scale * normalized;
-  if (strategy == kStrategyConfidence) a = alpha_scale * (1.0f - normalized);
+  const float a = alpha_from_normalized<float>(strategy, normalized, alpha_scale);
   status[row] = kRowOk;
   row_max[row] = m;
   row_log_norm[row] = logf(s_prob);

@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> residual_context_top_k_cuda(
                                     table_sum.data_ptr<float>(),
                                     params.inv_t_res,
                                     params.temper_delta,
-                                    static_cast<int32_t>(params.strategy),
+                                    strategy_code(params.strategy),
                                     params.alpha_scale,
                                     params.log_vocab,
                                     static_cast<int32_t>(k),

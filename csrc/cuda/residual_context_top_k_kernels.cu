@@ -122,9 +122,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x;
   const T* z = logits + row * row_stride;
   const float prob_k = temper_delta ? inv_t_res : 1.0f;
-  const float entropy_k = strategy == kStrategyEntropy || strategy == kStrategyConfidence
-                              ? inv_t_res
-                              : prob_k;
+  const float entropy_k = strategy_uses_entropy(strategy) ? inv_t_res : prob_k;
   const bool shared_sums = entropy_k == prob_k;
   if (threadIdx.x == 0) {
     cand.count = 0;
@@ -200,9 +198,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float entropy = fminf(fmaxf(logf(s_ent) - u_ent / s_ent, 0.0f), log_vocab);
   const float normalized = entropy / log_vocab;
-  float a = alpha_scale;
-  if (strategy == kStrategyEntropy) a = alpha_scale * normalized;
-  if (strategy == kStrategyConfidence) a = alpha_scale * (1.0f - normalized);
+  const float a = alpha_from_normalized<float>(strategy, normalized, alpha_scale);
   if (threadIdx.x == 0) {
     status_out[row] = kRowOk;
     alpha_out[row] = a;

@@ -6,14 +6,13 @@ naming the key, the value and what was expected.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from rcd_ext.op_checks import MIN_T_RES
-from rcd_ext.op_reference import STRATEGIES
+from rcd_ext.op_checks import check_t_res
+from rcd_ext.options import ResidualConfig, fields_by_name
 
 SERVING_INITS = ("cold", "dirichlet")
 # keys SGLang itself reads from the same YAML (DllmConfig.from_server_args)
@@ -78,13 +77,15 @@ class RCDServingConfig:
 
         if not _is_real(self.threshold) or not 0.0 <= self.threshold <= 1.0:
             fail("threshold", "a number in [0, 1]")
-        if not _is_real(self.t_res) or not (math.isfinite(self.t_res)
-                                            and self.t_res >= MIN_T_RES):
-            fail("t_res", "a finite number > 0")
+        try:  # the rule of the op (1 / t_res must be a finite float32), with its message
+            check_t_res(self.t_res)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from None
         if not isinstance(self.temper_delta, bool):
             fail("temper_delta", "true or false")
-        if self.strategy not in STRATEGIES:
-            fail("strategy", f"one of {', '.join(STRATEGIES)}")
+        strategies = tuple(fields_by_name(ResidualConfig)["strategy"].metadata["choices"])
+        if self.strategy not in strategies:
+            fail("strategy", f"one of {', '.join(strategies)}")
         if not _is_real(self.alpha_scale) or not 0.0 <= self.alpha_scale <= 1.0:
             fail("alpha_scale", "a number in [0, 1]")
         if self.init not in SERVING_INITS:
@@ -98,6 +99,15 @@ class RCDServingConfig:
             fail("residual_top_k", "an integer >= 1 or null")
         if self.block_size is not None and not (_is_int(self.block_size) and self.block_size >= 1):
             fail("block_size", "an integer >= 1")
+        try:  # the residual options' own rules, in one place
+            self.residual()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from None
+
+    def residual(self) -> ResidualConfig:
+        """The residual options of this config as `rcd_ext.options.ResidualConfig`."""
+        return ResidualConfig(**{name: getattr(self, name) for name in fields_by_name(
+            ResidualConfig) if name in fields_by_name(type(self))})
 
 
 def _is_real(value: Any) -> bool:

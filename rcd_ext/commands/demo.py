@@ -4,6 +4,9 @@
     rcd demo --train            # train the three models first (< 3 min on 2 CPU cores)
     rcd demo --out DIR          # DIR/results.json and DIR/demo.png (default ./rcd-demo)
     rcd demo --task pointer_chasing   # another synthetic task (trains its models first)
+    rcd demo --data train.jsonl --test test.jsonl [--size tiny|small|medium]
+                                # your own data: trains the three models on it, judges them on
+                                # every test row (docs/your-own-data.md)
 
 Every argument is checked before a model loads or trains (`check_arguments`): a wrong one is
 one line on stderr and exit code 2.
@@ -15,7 +18,16 @@ import argparse
 from pathlib import Path
 
 from rcd_ext.commands._task_names import check_task_name
-from rcd_ext.commands._usage import UsageError, check_output_dir, positive_int, probability
+from rcd_ext.commands._usage import (
+    UsageError,
+    check_input_file,
+    check_output_dir,
+    positive_int,
+    probability,
+)
+
+DATA_SIZES = ("tiny", "small", "medium")  # rcd_ext.demo.own_data.SIZES, not imported
+TOKEN_UNITS = ("words", "chars")  # rcd_ext.models.tiny_tokenizer.TOKEN_UNITS, not imported
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,6 +55,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads (a model this small gains nothing from more)")
+    own = parser.add_argument_group("your own data (--data, --test)")
+    own.add_argument("--data", default=None,
+                     help="training .jsonl ({\"prompt\", \"response\"} rows): train the three "
+                          "models on it instead of a synthetic task")
+    own.add_argument("--test", default=None, help="test .jsonl: every row is decoded")
+    own.add_argument("--size", choices=DATA_SIZES, default="small",
+                     help="model and training budget (small: the built-in demo's recipe)")
+    own.add_argument("--tokenize", choices=TOKEN_UNITS, default="words",
+                     help="tokens are whitespace words or characters")
     parser.set_defaults(func=run)
     return parser
 
@@ -82,8 +103,34 @@ def check_checkpoints(args: argparse.Namespace) -> None:
                          "save_pretrained folder; use --train to make them)")
 
 
+def check_data_files(args: argparse.Namespace) -> None:
+    """UsageError for --data / --test that are missing, unreadable or have a bad row."""
+    from rcd_ext.training.jsonl_rows import DataError, read_text_rows
+
+    if not args.test:
+        raise UsageError("--data needs --test (a .jsonl file of held-out rows to judge on)")
+    if args.train or args.checkpoints:
+        raise UsageError("--data trains the three models on your data (drop --train and "
+                         "--checkpoints; --save-checkpoints keeps them)")
+    for option in ("--data", "--test"):
+        path = getattr(args, option[2:])
+        check_input_file(option, path)
+        try:
+            read_text_rows(path)
+        except DataError as error:
+            raise UsageError(str(error)) from None
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Every check that needs no model; the numbers are checked by argparse already."""
+    if args.data or args.test:
+        if not args.data:
+            raise UsageError("--test needs --data (the training .jsonl)")
+        check_output_dir("--out", args.out)
+        if args.save_checkpoints:
+            check_output_dir("--save-checkpoints", args.save_checkpoints)
+        check_data_files(args)
+        return
     check_task_name("--task", args.task, args.task)
     check_output_dir("--out", args.out)
     check_checkpoints(args)
@@ -92,6 +139,13 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
+    if args.data:
+        from rcd_ext.demo.own_data import run_data_demo
+
+        run_data_demo(args.out, args.data, args.test, size=args.size, unit=args.tokenize,
+                      steps=tuple(args.steps), thresholds=tuple(args.thresholds),
+                      threads=args.threads, save_checkpoints=args.save_checkpoints)
+        return 0
     from rcd_ext.demo import run_demo
 
     run_demo(args.out, train=args.train, checkpoint_dir=args.checkpoints,

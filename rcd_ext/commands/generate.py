@@ -27,15 +27,37 @@ from rcd_ext.commands._usage import (
     UsageError,
     check_input_file,
     check_output_file,
-    nonnegative_float,
     nonnegative_int,
-    positive_float,
-    positive_int,
-    probability,
+)
+from rcd_ext.options import (
+    CLI,
+    DecodingConfig,
+    OptionError,
+    ResidualConfig,
+    add_arguments,
+    check_lengths,
+    values_of,
 )
 
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 STEPS_OUT_SUFFIXES = (".json", ".png", ".txt")
+# where the CLI's flags differ from the dataclass fields they are generated from (the Python
+# defaults stay in the dataclasses; these are resolved in `check_arguments` / `run`)
+DECODING_FLAGS = {
+    "gen_length": {"default": None,
+                   "help": "tokens to generate (default: the answer length of the task in the "
+                           "checkpoint's rcd_training.json, else 64; shortened to what the "
+                           "model's context leaves)"},
+    "block_length": {"default": None,
+                     "help": "tokens per block (default: a block-causal model's own, else 32, "
+                             "or --gen-length when shorter)"},
+}
+RESIDUAL_FLAGS = {
+    "init": {"default": None, "help": "what a masked position gets before it has logits of "
+                                      "its own (one of: %(choices)s; default: reference with "
+                                      "--ref-model, else cold)"},
+    "residual_top_k": {"metavar": "K"},
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -54,34 +76,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--chat-template", action="store_true",
                         help="wrap each prompt in the tokenizer's chat template")
     decoding = parser.add_argument_group("decoding")
-    decoding.add_argument("--gen-length", type=positive_int, default=64)
-    decoding.add_argument("--block-length", type=positive_int, default=None,
-                          help="tokens per block (default 32, or --gen-length when shorter)")
-    decoding.add_argument("--steps", type=positive_int, default=None,
-                          help="denoising steps for the whole generation (default gen-length)")
-    decoding.add_argument("--remasking", choices=("fixed", "threshold"), default="fixed")
-    decoding.add_argument("--threshold", type=probability, default=0.9)
-    decoding.add_argument("--temperature", type=nonnegative_float, default=0.0)
-    decoding.add_argument("--top-p", type=probability, default=1.0)
-    decoding.add_argument("--top-k", type=nonnegative_int, default=0)
-    decoding.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
-                          help="KV cache of the semi-AR loop")
-    decoding.add_argument("--no-stop-at-eos", action="store_true")
+    add_arguments(decoding, DecodingConfig, overrides=DECODING_FLAGS)
     decoding.add_argument("--seed", type=int, default=None)
     decoding.add_argument("--mask-id", type=nonnegative_int, default=None,
                           help="override the mask id")
     residual = parser.add_argument_group("residual")
-    residual.add_argument("--init", choices=("cold", "reference", "self", "dirichlet"),
-                          default=None, help="default: reference with --ref-model, else cold")
-    residual.add_argument("--t-res", type=positive_float, default=1.0)
-    residual.add_argument("--temper-delta", action="store_true")
-    residual.add_argument("--strategy", choices=("entropy", "confidence", "fixed"),
-                          default="entropy")
-    residual.add_argument("--alpha-scale", type=nonnegative_float, default=1.0)
-    residual.add_argument("--scope", choices=("block", "all"), default="block")
-    residual.add_argument("--residual-top-k", type=positive_int, default=None, metavar="K",
-                          help="sparse residual: delta from the K most likely tokens' rows "
-                               "(+ the tail's mass on the mean of the others); default exact")
+    add_arguments(residual, ResidualConfig, overrides=RESIDUAL_FLAGS)
     loading = parser.add_argument_group("loading")
     loading.add_argument("--trust-remote-code", action="store_true",
                          help="run the checkpoint's own modelling code (LLaDA, Dream, SDAR)")
@@ -117,18 +117,10 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def check_decoding(args: argparse.Namespace) -> None:
     """UsageError for decoding values that do not fit together (no model needed)."""
-    if args.gen_length % args.block_length:
-        raise UsageError(f"--gen-length {args.gen_length} is not a multiple of --block-length "
-                         f"{args.block_length} (make it one, or change --block-length)")
-    blocks = args.gen_length // args.block_length
-    if args.steps is not None and args.steps > args.gen_length:
-        raise UsageError(f"--steps {args.steps} > --gen-length {args.gen_length}: each step "
-                         f"unmasks at least one token, so at most {args.gen_length} steps run "
-                         f"(use --steps {args.gen_length} or fewer)")
-    if args.steps is not None and args.steps % blocks:
-        raise UsageError(f"--steps {args.steps} is not a multiple of the {blocks} blocks "
-                         f"(--gen-length {args.gen_length} / --block-length "
-                         f"{args.block_length}); use a multiple of {blocks}")
+    try:  # the rules of DecodingConfig, spelled with the flags' names
+        check_lengths(args.gen_length, args.block_length, args.steps, CLI)
+    except OptionError as error:
+        raise UsageError(str(error)) from None
     from rcd_ext.op_checks import MIN_T_RES  # imports torch, which the model load needs next
 
     if args.t_res < MIN_T_RES:
@@ -137,6 +129,60 @@ def check_decoding(args: argparse.Namespace) -> None:
     if args.init == "reference" and not args.ref_model:
         raise UsageError("--init reference needs --ref-model (give the reference checkpoint, "
                          "or another --init)")
+
+
+def fit_lengths_to_model(args: argparse.Namespace, model_source: str) -> None:
+    """Fill --gen-length / --block-length when not given, from the checkpoint's config.json and
+    rcd_training.json (no model load); UsageError for a --gen-length the context cannot hold."""
+    from rcd_ext.integrations.lm_eval_args import read_checkpoint_facts
+
+    facts = read_checkpoint_facts(model_source)
+    if args.block_length is None and facts.model_block is not None:
+        args.block_length = facts.model_block
+    room = _room(facts, args.block_length)
+    if args.gen_length is None:
+        args.gen_length = _default_gen_length(facts.answer_length, args.block_length, room)
+    if args.block_length is None:  # one block for a short generation, like the Python API's 32
+        args.block_length = min(DecodingConfig.block_length, args.gen_length)
+    if room is not None and args.gen_length > room:
+        prompt = (f"its training prompts ({facts.task}) take {facts.prompt_length}"
+                  if facts.prompt_length else "a prompt needs at least 1")
+        raise UsageError(f"--gen-length {args.gen_length} does not fit: the model's context is "
+                         f"{facts.context} tokens and {prompt} (give --gen-length <= "
+                         f"{max(room, 0)}, a multiple of --block-length {args.block_length})")
+
+
+def _room(facts: Any, block_length: int | None) -> int | None:
+    """Generated tokens the model's context leaves beside a prompt (None: context unknown);
+    a block-causal model may need up to a block - 1 more positions for block alignment."""
+    if facts.context is None:
+        return None
+    slack = block_length - 1 if facts.model_block is not None and block_length else 0
+    return facts.context - slack - (facts.prompt_length or 1)
+
+
+def _default_gen_length(answer_length: int | None, block_length: int | None,
+                        room: int | None) -> int:
+    """The training task's answer length, else DecodingConfig's default; cut to whole blocks
+    (the given block, else the default one, else one block of `room`) when it does not fit."""
+    wanted = answer_length or DecodingConfig.gen_length
+    if room is None or wanted <= room:
+        return wanted
+    unit = block_length or DecodingConfig.block_length
+    if room >= unit:
+        return room // unit * unit
+    return room if block_length is None and room >= 1 else wanted
+
+
+def residual_config(args: argparse.Namespace) -> ResidualConfig:
+    """The residual flags as a ResidualConfig (init: reference with --ref-model, else cold);
+    UsageError naming the flag for a value the dataclass refuses."""
+    values = values_of(args, ResidualConfig)
+    values["init"] = args.init or ("reference" if args.ref_model else "cold")
+    try:
+        return ResidualConfig(**values)
+    except ValueError as error:
+        raise UsageError(f"{error} (see rcd generate --help)") from None
 
 
 def check_steps_out(path: str | None) -> None:
@@ -152,11 +198,11 @@ def check_steps_out(path: str | None) -> None:
 def check_arguments(args: argparse.Namespace) -> tuple[list[str], str, str | None, str]:
     """Every check that needs no model: (prompts, model source, reference source, device)."""
     prompts = _prompts(args)
-    if args.block_length is None:  # one block for a short generation, like the Python API's 32
-        args.block_length = min(32, args.gen_length)
-    check_decoding(args)
-    check_steps_out(args.steps_out)
     model = resolve_model_source("--model", args.model)
+    fit_lengths_to_model(args, model)
+    check_decoding(args)
+    residual_config(args)
+    check_steps_out(args.steps_out)
     reference = resolve_model_source("--ref-model", args.ref_model) if args.ref_model else None
     return prompts, model, reference, check_device("--device", args.device)
 
@@ -195,26 +241,20 @@ def run(args: argparse.Namespace) -> int:
         ref_model, ref_tokenizer = load_model(reference_source,
                                               trust_remote_code=args.trust_remote_code,
                                               torch_dtype=DTYPES[args.dtype], device=device)
-    init = args.init or ("reference" if ref_model is not None else "cold")
+    residual = residual_config(args)
     want_trace = args.show_steps or bool(args.steps_out)
     adapter = get_adapter(model, tokenizer, mask_id=args.mask_id,
                           require_embeddings=not args.seqd)
     with warnings.catch_warnings():  # check_prompt_words has told the user already
         warnings.simplefilter("ignore", UnknownWordsWarning)
         result = generate(
-            model, prompts, tokenizer=tokenizer, gen_length=args.gen_length,
-            block_length=args.block_length, steps=args.steps, remasking=args.remasking,
-            threshold=args.threshold, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, cache=args.cache, rcd=not args.seqd, ref_model=ref_model,
-            ref_tokenizer=ref_tokenizer, init=init, t_res=args.t_res,
-            temper_delta=args.temper_delta, strategy=args.strategy,
-            alpha_scale=args.alpha_scale, scope=args.scope,
-            residual_top_k=args.residual_top_k, stop_at_eos=not args.no_stop_at_eos,
-            seed=args.seed, mask_id=args.mask_id,
-            chat_template=args.chat_template, trace=want_trace, progress=not args.quiet,
-            adapter=adapter,
+            model, prompts, tokenizer=tokenizer, residual=residual,
+            decoding=DecodingConfig(**values_of(args, DecodingConfig)), rcd=not args.seqd,
+            ref_model=ref_model, ref_tokenizer=ref_tokenizer, seed=args.seed,
+            mask_id=args.mask_id, chat_template=args.chat_template, trace=want_trace,
+            progress=not args.quiet, adapter=adapter,
         )
-    method = "SeqD" if args.seqd else f"RCD (init {init})"
+    method = "SeqD" if args.seqd else f"RCD (init {residual.init})"
     if args.json:
         print(json.dumps({"method": method, "prompts": prompts, "text": result.text,
                           "tokens": result.tokens.tolist(), "stats": result.stats.as_dict(),

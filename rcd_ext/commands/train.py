@@ -4,23 +4,31 @@
     rcd train --stage rcd --reference ref/ --data task:pointer_chasing --output-dir rcd/
     rcd train --stage rcd --model base/ --reference ref/ --data train.jsonl --output-dir out/ \
               --residual-source previous-step --bf16 --gradient-accumulation-steps 4
+    rcd train --stage seqd --model tiny --data train.jsonl --test test.jsonl --output-dir ref/
+              # a tiny dLLM whose tokenizer and context come from your data (docs/your-own-data.md)
 
 Multi-GPU: `accelerate launch -m rcd_ext train ...` or
 `torchrun --nproc_per_node 8 -m rcd_ext train ... --fsdp "full_shard auto_wrap"`.
 
 Every argument is checked before a model loads or trains (`check_arguments`): a wrong one is
-one line on stderr and exit code 2.
+one line on stderr and exit code 2; so is every problem of a JSONL file (`file:line: what`),
+found before any training.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 from rcd_ext.commands._model_source import resolve_model_source
 from rcd_ext.commands._task_names import check_task_name
 from rcd_ext.commands._usage import (
     UsageError,
+    check_input_file,
     check_output_dir,
     fraction,
     nonnegative_float,
@@ -39,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--stage", choices=("seqd", "rcd"), required=True)
     parser.add_argument("--model", default=None,
                         help="checkpoint to train; 'tiny' builds a fresh built-in tiny dLLM for "
-                             "a task: data source (default for stage rcd: the reference)")
+                             "task:NAME or a .jsonl file (default for stage rcd: the reference)")
     parser.add_argument("--reference", default=None,
                         help="frozen reference checkpoint (stage rcd)")
     parser.add_argument("--data", required=True,
@@ -57,6 +65,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     tiny.add_argument("--hidden-size", type=positive_int, default=64)
     tiny.add_argument("--layers", type=positive_int, default=2)
     tiny.add_argument("--heads", type=positive_int, default=4)
+    tiny.add_argument("--tokenize", choices=TOKEN_UNITS, default="words",
+                      help="with a .jsonl file: tokens are whitespace words or characters")
+    tiny.add_argument("--test", default=None,
+                      help="a test .jsonl file: its tokens the model will never see are "
+                           "reported, its longest row counts for the context")
     hf = parser.add_argument_group("Trainer (transformers.TrainingArguments)")
     hf.add_argument("--max-steps", type=positive_int, default=1000)
     hf.add_argument("--batch-size", type=positive_int, default=128, help="per device")
@@ -75,8 +88,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     hf.add_argument("--resume", nargs="?", const=True, default=None,
                     help="resume from the last checkpoint in --output-dir, or from PATH")
     hf.add_argument("--progress", action="store_true", help="tqdm bar (logs always print)")
+    hf.add_argument("--threads", type=positive_int, default=None,
+                    help="torch CPU threads (default: the cores idle now, at least 1; measured "
+                         "in docs/your-own-data.md)")
     parser.set_defaults(func=run)
     return parser
+
+
+TOKEN_UNITS = ("words", "chars")  # rcd_ext.models.tiny_tokenizer.TOKEN_UNITS, not imported
+
+
+def idle_cores() -> int:
+    """The default --threads: cores minus the 1-minute load average, at least 1.
+
+    Measured (docs/your-own-data.md, "Threads"): on an idle 2-core machine 2 threads trained
+    the tiny model 1.4x faster than 1; with the cores loaded by other processes 2 threads were
+    up to 10x slower (OpenMP workers waiting for each other), so busy cores are left alone.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not on this platform
+        return 1
+    return max(1, min(cores, cores - round(busy)))
 
 
 def check_data(spec: str) -> None:
@@ -117,10 +151,16 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, str | None]:
                          "--reference (give the stage-1 checkpoint, or --residual-source self)")
     model = args.model or (args.reference if args.stage == "rcd" else None)
     if model is None:
-        raise UsageError("--model is required (a checkpoint, or 'tiny' with --data task:NAME)")
+        raise UsageError("--model is required (a checkpoint, or 'tiny' with --data task:NAME "
+                         "or a .jsonl file)")
     check_data(args.data)
-    if model == "tiny" and not args.data.startswith("task:"):
-        raise UsageError("--model tiny builds its vocabulary from a task (use --data task:NAME)")
+    if model == "tiny" and not args.data.startswith("task:") and Path(args.data).is_dir():
+        raise UsageError(f"--model tiny --data {args.data}: a fresh tiny model builds its "
+                         "vocabulary from a .jsonl file or task:NAME, not a dataset folder "
+                         "(export it as JSONL)")
+    if args.test and args.data.startswith("task:"):
+        raise UsageError("--test reports the tokens of a .jsonl test file that --data lacks; "
+                         "a task:NAME keeps its own test split (drop --test)")
     check_numbers(args)
     check_output_dir("--output-dir", args.output_dir)
     if isinstance(args.resume, str) and not Path(args.resume).expanduser().is_dir():
@@ -142,25 +182,81 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, str | None]:
     return model_source, reference_source
 
 
+def read_rows(option: str, path: str) -> list[Any]:
+    """The checked rows of a JSONL file, or UsageError `file:line: what (fix)`."""
+    from rcd_ext.training.jsonl_rows import DataError, read_text_rows
+
+    check_input_file(option, path)
+    try:
+        return read_text_rows(Path(path).expanduser())
+    except DataError as error:
+        raise UsageError(str(error)) from None
+
+
+def check_data_rows(args: argparse.Namespace) -> tuple[list[Any] | None, list[Any]]:
+    """(training rows of a .jsonl --data or None, --test rows or []): bad lines end here."""
+    is_jsonl = not args.data.startswith("task:") and Path(args.data).expanduser().is_file()
+    rows = read_rows("--data", args.data) if is_jsonl else None
+    return rows, read_rows("--test", args.test) if args.test else []
+
+
+def say_warning(message: Any, *_: Any, **__: Any) -> None:
+    """`warnings.showwarning` for the CLI: one line `rcd train: warning: ...`."""
+    print(f"rcd train: warning: {message}", file=sys.stderr)
+
+
+def tiny_for_rows(args: argparse.Namespace, rows: list[Any], test_rows: list[Any]
+                  ) -> tuple[Any, Any]:
+    """A fresh tiny dLLM for the JSONL rows, its sizes said on stdout."""
+    from rcd_ext.training.own_data import tiny_model_for_rows, unseen_test_tokens
+
+    model, tokenizer = tiny_model_for_rows(
+        rows, args.tokenize, extra_rows=test_rows, hidden_size=args.hidden_size,
+        layers=args.layers, heads=args.heads, seed=args.seed, append_eos=not args.no_eos)
+    print(f"tiny dLLM for {args.data}: {len(tokenizer) - 5} {args.tokenize} + 5 special "
+          f"tokens, context {model.config.max_position_embeddings} tokens (the longest row)")
+    if test_rows:
+        _, report = unseen_test_tokens(tokenizer, test_rows, args.test)
+        say_warning(report) if report else print(f"every token of {args.test} is in the "
+                                                 "vocabulary")
+    return model, tokenizer
+
+
 def run(args: argparse.Namespace) -> int:
     model_source, reference_source = check_arguments(args)
-    from rcd_ext.training import DiffusionArguments, build_tiny_model, train
+    rows, test_rows = check_data_rows(args)
+    import torch
+
+    from rcd_ext.training import DiffusionArguments, build_tiny_model
     from rcd_ext.training.trainer import load_trainable
 
+    threads = args.threads or idle_cores()
+    torch.set_num_threads(threads)
+    if not args.threads:
+        print(f"training with {threads} thread{'s' if threads > 1 else ''} (the idle cores; "
+              "--threads sets it)")
     diffusion = DiffusionArguments(stage=args.stage, residual_source=args.residual_source,
                                    no_residual_fraction=args.no_residual_fraction, eps=args.eps)
-    if model_source == "tiny":
+    if model_source == "tiny" and rows is not None:
+        model, tokenizer = tiny_for_rows(args, rows, test_rows)
+    elif model_source == "tiny":
         model, tokenizer = build_tiny_model(args.data, args.hidden_size, args.layers, args.heads,
                                             seed=args.seed)
     else:
         model, tokenizer = load_trainable(model_source, args.trust_remote_code)
+    if test_rows and model_source != "tiny":
+        from rcd_ext.training.own_data import unseen_test_tokens
+
+        _, report = unseen_test_tokens(tokenizer, test_rows, args.test)
+        if report:
+            say_warning(report)
     reference = None
     if reference_source:
         reference, reference_tokenizer = load_trainable(reference_source, args.trust_remote_code)
         from rcd_ext.training import check_same_tokenizer
 
         check_same_tokenizer(model, reference, tokenizer, reference_tokenizer)
-    trainer = train(
+    trainer = train_reporting_data_errors(
         data=args.data, output_dir=args.output_dir, diffusion=diffusion, model=model,
         tokenizer=tokenizer, reference=reference, resume_from_checkpoint=args.resume,
         append_eos=not args.no_eos, max_steps=args.max_steps,
@@ -177,3 +273,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"saved {args.stage} model to {args.output_dir} after "
               f"{trainer.state.global_step} steps{last}")
     return 0
+
+
+def train_reporting_data_errors(**arguments: Any) -> Any:
+    """`rcd_ext.training.train`, with a row too long for the model as a one-line UsageError and
+    unknown tokens as one warning line (both found before the first training step)."""
+    from rcd_ext.models.tiny_tokenizer import UnknownWordsWarning
+    from rcd_ext.training import train
+    from rcd_ext.training.jsonl_rows import DataError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UnknownWordsWarning)
+        warnings.showwarning = say_warning
+        try:
+            return train(**arguments)
+        except DataError as error:
+            raise UsageError(str(error)) from None

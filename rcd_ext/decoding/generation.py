@@ -25,12 +25,13 @@ from rcd_ext.decoding.loops import (
     block_diffusion,
     semi_autoregressive,
 )
-from rcd_ext.decoding.remasking import POLICIES
 from rcd_ext.models.adapters import LeftPaddedModel, LeftPadding, ModelAdapter, get_adapter
-from rcd_ext.residual import ResidualConfig
+from rcd_ext.options import CACHE_MODES, DecodingConfig, ResidualConfig, build, split_flat
+from rcd_ext.seeding import DIRICHLET_STREAM, seeded_generator
 from rcd_ext.wrapper import RCDModel
 
-CACHE_MODES = ("none", "prefix", "dual")
+__all__ = ["CACHE_MODES", "BatchLayout", "DecodeStats", "GenerationResult", "StepTrace",
+           "batch_layout", "generate"]
 
 
 @dataclass
@@ -199,27 +200,11 @@ def generate(
     prompt: Any,
     *,
     tokenizer: Any = None,
-    gen_length: int = 64,
-    block_length: int = 32,
-    steps: int | None = None,
-    remasking: str = "fixed",
-    threshold: float | None = 0.9,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    cache: str = "none",
+    residual: ResidualConfig | None = None,
+    decoding: DecodingConfig | None = None,
     rcd: bool = True,
     ref_model: nn.Module | None = None,
     ref_tokenizer: Any = None,
-    init: str = "cold",
-    t_res: float = 1.0,
-    temper_delta: bool = False,
-    strategy: str = "entropy",
-    alpha_scale: float = 1.0,
-    scope: str = "block",
-    dirichlet_concentration: float = 1.0,
-    residual_top_k: int | None = None,
-    stop_at_eos: bool = True,
     seed: int | None = None,
     mask_id: int | None = None,
     chat_template: bool = False,
@@ -227,6 +212,7 @@ def generate(
     progress: bool = False,
     adapter: ModelAdapter | None = None,
     pad_id: int | None = None,
+    **options: Any,
 ) -> GenerationResult:
     """Decode `gen_length` tokens after each prompt with RCD (`rcd=False`: plain SeqD).
 
@@ -237,20 +223,15 @@ def generate(
             of id lists. Prompts of different lengths are left-padded (models whose adapter
             `supports_padding`: the tiny dLLM, Dream; others raise ValueError); each row then
             decodes as it would alone.
-        gen_length, block_length: tokens to generate, in blocks of block_length.
-        steps: denoising steps for the whole generation (default gen_length); divided evenly
-            among the gen_length / block_length blocks.
-        remasking: "fixed" (the linear schedule's count per step, most confident first) or
-            "threshold" (every candidate above `threshold`, at least the schedule's count).
-        temperature, top_p, top_k: sampling of candidate tokens (temperature 0 = greedy).
-        cache: semi-AR loop only: "none", "prefix" or "dual" (block-diffusion models always
-            use their KV cache).
-        rcd, ref_model, init, t_res, temper_delta, strategy, alpha_scale, scope,
-            dirichlet_concentration, residual_top_k: residual options
-            (`rcd_ext.residual.ResidualConfig`; residual_top_k=k: the sparse top-k residual).
-        stop_at_eos: stop after the block in which every row has produced EOS; tokens after a
-            row's first EOS become EOS.
-        seed: seeds sampling and the Dirichlet init.
+        residual: residual options (`rcd_ext.options.ResidualConfig`; used when rcd).
+        decoding: decoding-loop options (`rcd_ext.options.DecodingConfig`: gen_length,
+            block_length, steps, remasking, threshold, temperature, top_p, top_k, cache,
+            stop_at_eos). steps above gen_length are refused (each step commits a token).
+        **options: the same options as flat keywords (`gen_length=8, t_res=0.92`), with the
+            dataclasses' defaults. A flat option of a concern whose config is also given is
+            refused (ValueError): pass `dataclasses.replace(config, name=value)` instead.
+        ref_model, ref_tokenizer: the frozen reference model of init "reference".
+        seed: seeds sampling and the Dirichlet init (`rcd_ext.seeding`).
         trace: record every step (`GenerationResult.trace`).
         pad_id: padding token for prompts of different lengths (default: the tokenizer's or
             config's pad id, else EOS). Padding is never attended, masked or committed.
@@ -259,171 +240,253 @@ def generate(
         GenerationResult with tokens [B, gen_length], sequences (left-padded prompts and tokens),
         text, stats and trace.
     """
+    residual, decoding = resolve_options(residual, decoding, options)
     adapter = adapter or get_adapter(model, tokenizer, mask_id=mask_id, require_embeddings=rcd)
     if adapter.padding is not None:  # a caller's adapter padded for another batch
         adapter = replace(adapter, padding=None)
     rows = _prompt_ids(prompt, tokenizer, chat_template)
+    check_loop_options(adapter, decoding)
+    batch = lay_out_batch(rows, adapter, decoding, pad_id, _device_of(model))
+    runner, wrapper = build_runner(model, batch, residual if rcd else None, decoding,
+                                   ref_model=ref_model, ref_tokenizer=ref_tokenizer,
+                                   tokenizer=tokenizer, seed=seed, trace=trace)
+    recorder = StepRecorder(batch, wrapper, trace=trace,
+                            progress_blocks=decoding.num_blocks if progress else None)
+    sampling = Sampling(policy=decoding.remasking, threshold=decoding.threshold,
+                        temperature=decoding.temperature, top_p=decoding.top_p,
+                        top_k=decoding.top_k,
+                        generator=seeded_generator(seed, device=batch.x.device))
+    began = time.perf_counter()
+    with torch.no_grad():
+        counters = run_loop(runner, batch, decoding, sampling, recorder)
+    wall = time.perf_counter() - began
+    recorder.close()
+    return assemble_result(batch, decoding, counters, wall, wrapper, recorder.records,
+                           tokenizer)
+
+
+def resolve_options(residual: ResidualConfig | None, decoding: DecodingConfig | None,
+                    flat: dict[str, Any]) -> tuple[ResidualConfig, DecodingConfig]:
+    """The residual and decoding configs of a `generate` call: given, or built from the flat
+    keywords (TypeError for an unknown keyword; ValueError for a config plus flat options of
+    its own, or for values its dataclass refuses)."""
+    residual_flat, decoding_flat = split_flat(flat, ResidualConfig, DecodingConfig)
+    residual = build(ResidualConfig, residual, residual_flat, "residual")
+    decoding = build(DecodingConfig, decoding, decoding_flat, "decoding")
+    decoding.require_gen_length()
+    return residual, decoding
+
+
+def check_loop_options(adapter: ModelAdapter, decoding: DecodingConfig) -> None:
+    """ValueError for decoding options the model's loop cannot run (block size, cache)."""
+    if adapter.loop == "block_diffusion":
+        adapter.check_block_length(decoding.block_length)
+        return
+    if decoding.cache not in adapter.cache_modes:
+        raise ValueError(f"cache {decoding.cache!r} is not supported for {adapter.family} "
+                         f"models (supported: {adapter.cache_modes})")
+
+
+@dataclass
+class PromptBatch:
+    """The prompts laid out for decoding.
+
+    x: [B, total] the sequence buffer (padding, prompt, mask ids to fill); rows: each prompt's
+    ids; layout: where they sit; adapter: the model's adapter (with the padding, if any);
+    target: the model as every forward reaches it (`LeftPaddedModel` when padded); fill: the id
+    written into padding columns; loop_start: the column (int) or per-row columns [B] where
+    generation starts.
+    """
+
+    x: torch.Tensor
+    rows: list[list[int]]
+    layout: BatchLayout
+    adapter: ModelAdapter
+    target: Any
+    padding: LeftPadding | None
+    fill: int
+    loop_start: int | torch.Tensor
+
+    @property
+    def prompt_length(self) -> int:
+        return max(len(row) for row in self.rows)
+
+    @property
+    def block_loop(self) -> bool:
+        return self.adapter.loop == "block_diffusion"
+
+
+def lay_out_batch(rows: list[list[int]], adapter: ModelAdapter, decoding: DecodingConfig,
+                  pad_id: int | None, device: torch.device) -> PromptBatch:
+    """Prompts -> the [B, total] buffer, left-padded where lengths differ (see `batch_layout`);
+    ValueError for an empty prompt, one holding the mask id, or one that leaves no room."""
     lengths = [len(r) for r in rows]
     if min(lengths) == 0:
         raise ValueError("empty prompt")
-    prompt_length = max(lengths)
-    if gen_length <= 0 or block_length <= 0:
-        raise ValueError(f"gen_length and block_length must be > 0, got {gen_length}, "
-                         f"{block_length}")
-    if gen_length % block_length:
-        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length "
-                         f"{block_length}")
-    num_blocks = gen_length // block_length
-    steps = gen_length if steps is None else steps
-    if steps <= 0 or steps % num_blocks:
-        raise ValueError(f"steps {steps} must be a positive multiple of the number of blocks "
-                         f"{num_blocks} (gen_length {gen_length} / block_length {block_length})")
-    if remasking not in POLICIES:
-        raise ValueError(f"remasking must be one of {POLICIES}, got {remasking!r}")
-    if remasking == "threshold" and (threshold is None or not 0.0 < threshold <= 1.0):
-        raise ValueError(f"threshold must be in (0, 1] for remasking 'threshold', "
-                         f"got {threshold!r}")
-    block_loop = adapter.loop == "block_diffusion"
-    if block_loop:
-        config_block = getattr(model.config, "block_length", None)
-        if adapter.family == "tiny" and config_block != block_length:
-            raise ValueError(f"block_length {block_length} != the model's block_length "
-                             f"{config_block}: a block-causal model decodes its own blocks")
-    else:
-        if cache not in CACHE_MODES:
-            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
-        if cache not in adapter.cache_modes:
-            raise ValueError(f"cache {cache!r} is not supported for {adapter.family} models "
-                             f"(supported: {adapter.cache_modes})")
-    layout = batch_layout(lengths, gen_length, block_length, block_loop)
-    total = layout.total
-    if adapter.max_length is not None and total > adapter.max_length:
-        raise ValueError(f"prompt of {prompt_length} tokens + {gen_length} generated = {total} "
-                         f"positions exceed the model's context of {adapter.max_length}")
+    gen_length = decoding.require_gen_length()
+    layout = batch_layout(lengths, gen_length, decoding.block_length,
+                          adapter.loop == "block_diffusion")
+    if adapter.max_length is not None and layout.total > adapter.max_length:
+        raise ValueError(f"prompt of {max(lengths)} tokens + {gen_length} generated = "
+                         f"{layout.total} positions exceed the model's context of "
+                         f"{adapter.max_length}")
     if any(adapter.mask_id in row for row in rows):
         raise ValueError(f"the prompt contains the mask token (id {adapter.mask_id})")
-
-    device = _device_of(model)
-    padding = None
-    fill = adapter.mask_id
+    padding, fill = None, adapter.mask_id
     if layout.padded:
         adapter.check_padding()
         fill = _padding_id(adapter, pad_id)
-        padding = LeftPadding.from_offsets(layout.offsets, total, device)
-    x = torch.full((len(rows), total), adapter.mask_id, dtype=torch.long, device=device)
+        padding = LeftPadding.from_offsets(layout.offsets, layout.total, device)
+    x = torch.full((len(rows), layout.total), adapter.mask_id, dtype=torch.long, device=device)
     for index, (row, offset) in enumerate(zip(rows, layout.offsets, strict=True)):
         x[index, :offset] = fill
         x[index, offset:offset + len(row)] = torch.tensor(row, dtype=torch.long, device=device)
     # generation starts at one column for every row, except in a block-diffusion batch of
     # prompts that end in different blocks' slots
-    gen_starts = torch.tensor(layout.gen_starts, dtype=torch.long, device=device)
-    loop_start: int | torch.Tensor = prompt_length
+    loop_start: int | torch.Tensor = max(lengths)
     if len(set(layout.gen_starts)) > 1:
-        loop_start = gen_starts
-    # target: the model as every forward reaches it (left padding maps columns to positions)
+        loop_start = torch.tensor(layout.gen_starts, dtype=torch.long, device=device)
+    return PromptBatch(x=x, rows=rows, layout=layout, adapter=adapter, target=None,
+                       padding=padding, fill=fill, loop_start=loop_start)
+
+
+def build_runner(model: nn.Module, batch: PromptBatch, residual: ResidualConfig | None,
+                 decoding: DecodingConfig, *, ref_model: nn.Module | None, ref_tokenizer: Any,
+                 tokenizer: Any, seed: int | None,
+                 trace: bool) -> tuple[Any, RCDModel | None]:
+    """What the loop calls for logits: the RCD wrapper (residual given) or the plain model;
+    returns (runner, wrapper or None). Left padding reaches every forward through the adapter
+    and `LeftPaddedModel`; `batch.adapter` and `batch.target` are set here."""
     target: Any = model
     ref_target, ref_adapter = ref_model, None
-    if padding is not None:
-        adapter = adapter.with_padding(padding)
-        target = LeftPaddedModel(model, padding)
-        if rcd and init == "reference" and ref_model is not None:
-            ref_adapter = get_adapter(ref_model, ref_tokenizer, mask_id=adapter.mask_id)
-            ref_adapter = ref_adapter.with_padding(padding)
-            ref_target = LeftPaddedModel(ref_model, padding)
-
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    sampling = Sampling(policy=remasking, threshold=threshold, temperature=temperature,
-                        top_p=top_p, top_k=top_k, generator=generator)
-    wrapper = None
-    runner: Any
-    if rcd:
-        config = ResidualConfig(t_res=t_res, temper_delta=temper_delta, strategy=strategy,
-                                alpha_scale=alpha_scale, init=init, scope=scope,
-                                dirichlet_concentration=dirichlet_concentration,
-                                residual_top_k=residual_top_k)
-        dirichlet_generator = None if seed is None else torch.Generator().manual_seed(seed + 1)
-        wrapper = RCDModel(target, ref_model=ref_target, config=config, adapter=adapter,
-                           ref_adapter=ref_adapter, tokenizer=tokenizer,
-                           ref_tokenizer=ref_tokenizer,
-                           block_length=block_length,
-                           block_origin="absolute" if block_loop else "prompt",
-                           generator=dirichlet_generator)
-        wrapper.reset(gen_start=None if block_loop else prompt_length)
-        wrapper.record_inputs = trace
-        runner = wrapper
-    else:
+    if batch.padding is not None:
+        batch.adapter = batch.adapter.with_padding(batch.padding)
+        target = LeftPaddedModel(model, batch.padding)
+        if residual is not None and residual.init == "reference" and ref_model is not None:
+            ref_adapter = get_adapter(ref_model, ref_tokenizer, mask_id=batch.adapter.mask_id)
+            ref_adapter = ref_adapter.with_padding(batch.padding)
+            ref_target = LeftPaddedModel(ref_model, batch.padding)
+    batch.target = target
+    if residual is None:
         def runner(input_ids: torch.Tensor, **kwargs: Any) -> Any:
             return target(input_ids=input_ids, **kwargs)
 
-    records: list[StepTrace] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+        return runner, None
+    wrapper = RCDModel(target, ref_model=ref_target, config=residual, adapter=batch.adapter,
+                       ref_adapter=ref_adapter, tokenizer=tokenizer, ref_tokenizer=ref_tokenizer,
+                       block_length=decoding.block_length,
+                       block_origin="absolute" if batch.block_loop else "prompt",
+                       generator=seeded_generator(seed, stream=DIRICHLET_STREAM))
+    wrapper.reset(gen_start=None if batch.block_loop else batch.prompt_length)
+    wrapper.record_inputs = trace
+    return wrapper, wrapper
 
-        bar = tqdm(total=num_blocks, desc="blocks", unit="block", leave=False)
 
-    def on_step(block: int, step: int, start: int, end: int, chosen: torch.Tensor) -> None:
-        if bar is not None and not bool((x[:, start:end] == adapter.mask_id).any()):
-            bar.update(1)
-        if not trace:
-            return
-        alpha_in = torch.zeros(chosen.shape)
-        alpha = torch.zeros(chosen.shape)
-        if wrapper is not None:
-            wrapper.flush()
-            positions = torch.arange(start, end, device=device)[None].expand(x.shape[0], -1)
-            alpha = wrapper.state.alpha_at(positions).cpu()
-            alpha = alpha * (x[:, start:end] == adapter.mask_id).cpu()
-            called_at, called_alpha = wrapper.last_call
-            columns = called_at[0] - start
-            inside = (columns >= 0) & (columns < end - start)
-            alpha_in[:, columns[inside].cpu()] = called_alpha[:, inside].cpu()
-        records.append(StepTrace(block=block, step=step, start=start,
-                                 tokens=x[:, start:end].cpu().clone(), committed=chosen.cpu(),
-                                 alpha_in=alpha_in, alpha=alpha))
+class StepRecorder:
+    """The loops' `on_step` callback: advances the progress bar over blocks and, when tracing,
+    records each step as a StepTrace (tokens, committed positions, alpha in and out)."""
 
-    began = time.perf_counter()
-    with torch.no_grad():
-        if block_loop:
-            counters: LoopCounters = block_diffusion(
-                runner, adapter, x, loop_start, block_length, steps // num_blocks, sampling,
-                stop_at_eos=stop_at_eos, on_step=on_step)
-        else:
-            counters = semi_autoregressive(
-                runner, adapter, x, prompt_length, block_length, steps // num_blocks, sampling,
-                cache=cache, stop_at_eos=stop_at_eos, on_step=on_step)
-    wall = time.perf_counter() - began
-    if bar is not None:
-        bar.close()
+    def __init__(self, batch: PromptBatch, wrapper: RCDModel | None, *, trace: bool,
+                 progress_blocks: int | None = None) -> None:
+        self.batch = batch
+        self.wrapper = wrapper
+        self.trace = trace
+        self.records: list[StepTrace] = []
+        self.bar = None
+        if progress_blocks is not None:
+            from tqdm.auto import tqdm
 
-    columns = gen_starts[:, None] + torch.arange(gen_length, device=device)[None, :]
+            self.bar = tqdm(total=progress_blocks, desc="blocks", unit="block", leave=False)
+
+    def __call__(self, block: int, step: int, start: int, end: int,
+                 chosen: torch.Tensor) -> None:
+        x, mask_id = self.batch.x, self.batch.adapter.mask_id
+        if self.bar is not None and not bool((x[:, start:end] == mask_id).any()):
+            self.bar.update(1)
+        if self.trace:
+            alpha_in, alpha = self._alphas(start, end, chosen.shape)
+            self.records.append(StepTrace(block=block, step=step, start=start,
+                                          tokens=x[:, start:end].cpu().clone(),
+                                          committed=chosen.cpu(), alpha_in=alpha_in,
+                                          alpha=alpha))
+
+    def _alphas(self, start: int, end: int,
+                shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, n] the alpha each position was given as input, and the one it carries on."""
+        alpha_in, alpha = torch.zeros(shape), torch.zeros(shape)
+        wrapper, x = self.wrapper, self.batch.x
+        if wrapper is None:
+            return alpha_in, alpha
+        wrapper.flush()
+        positions = torch.arange(start, end, device=x.device)[None].expand(x.shape[0], -1)
+        alpha = wrapper.state.alpha_at(positions).cpu()
+        alpha = alpha * (x[:, start:end] == self.batch.adapter.mask_id).cpu()
+        called_at, called_alpha = wrapper.last_call
+        columns = called_at[0] - start
+        inside = (columns >= 0) & (columns < end - start)
+        alpha_in[:, columns[inside].cpu()] = called_alpha[:, inside].cpu()
+        return alpha_in, alpha
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_loop(runner: Any, batch: PromptBatch, decoding: DecodingConfig, sampling: Sampling,
+             recorder: StepRecorder) -> LoopCounters:
+    """Run the model's loop (block diffusion, or semi-AR with its cache) over `batch.x`."""
+    if batch.block_loop:
+        return block_diffusion(runner, batch.adapter, batch.x, batch.loop_start,
+                               decoding.block_length, decoding.steps_per_block, sampling,
+                               stop_at_eos=decoding.stop_at_eos, on_step=recorder)
+    return semi_autoregressive(runner, batch.adapter, batch.x, batch.prompt_length,
+                               decoding.block_length, decoding.steps_per_block, sampling,
+                               cache=decoding.cache, stop_at_eos=decoding.stop_at_eos,
+                               on_step=recorder)
+
+
+def assemble_result(batch: PromptBatch, decoding: DecodingConfig, counters: LoopCounters,
+                    wall: float, wrapper: RCDModel | None, records: list[StepTrace],
+                    tokenizer: Any) -> GenerationResult:
+    """Generated tokens (EOS-filled after a row's first EOS when stop_at_eos), the left-padded
+    sequences, the stats and the decoded text."""
+    x, adapter, prompt_length = batch.x, batch.adapter, batch.prompt_length
+    gen_starts = torch.tensor(batch.layout.gen_starts, dtype=torch.long, device=x.device)
+    columns = gen_starts[:, None] + torch.arange(decoding.gen_length, device=x.device)[None, :]
     tokens = torch.gather(x, 1, columns)
-    if stop_at_eos and adapter.eos_id is not None:
+    if decoding.stop_at_eos and adapter.eos_id is not None:
         # everything after a row's first EOS is EOS: a batch then equals its single runs
         is_eos = (tokens == adapter.eos_id).long()
         after = (is_eos.cumsum(1) - is_eos) > 0
         tokens[after] = adapter.eos_id
-    sequences = torch.full((len(rows), prompt_length), fill, dtype=torch.long, device=device)
-    for index, row in enumerate(rows):
-        sequences[index, prompt_length - len(row):] = torch.tensor(row, device=device)
-    sequences = torch.cat([sequences, tokens], 1)
+    sequences = torch.full((len(batch.rows), prompt_length), batch.fill, dtype=torch.long,
+                           device=x.device)
+    for index, row in enumerate(batch.rows):
+        sequences[index, prompt_length - len(row):] = torch.tensor(row, device=x.device)
     extra = wrapper.stats if wrapper is not None else None
     stats = DecodeStats(
-        batch_size=len(rows),
+        batch_size=len(batch.rows),
         forward_passes=counters.forwards + (extra.self_init_forwards if extra else 0),
         reference_forwards=extra.reference_forwards if extra else 0,
         denoising_steps=counters.steps, tokens=counters.committed, blocks=counters.blocks,
         wall_time_s=wall,
     )
-    text = None
-    if tokenizer is not None:
-        text = []
-        for row in tokens.tolist():
-            if adapter.eos_id is not None and adapter.eos_id in row:
-                row = row[:row.index(adapter.eos_id)]
-            text.append(tokenizer.decode(row, skip_special_tokens=True))
-    return GenerationResult(tokens=tokens, sequences=sequences, stats=stats, text=text,
-                            trace=records, prompt_length=prompt_length, prompt_lengths=lengths)
+    return GenerationResult(tokens=tokens, sequences=torch.cat([sequences, tokens], 1),
+                            stats=stats, text=_texts(tokens, adapter.eos_id, tokenizer),
+                            trace=records, prompt_length=prompt_length,
+                            prompt_lengths=[len(row) for row in batch.rows])
+
+
+def _texts(tokens: torch.Tensor, eos_id: int | None, tokenizer: Any) -> list[str] | None:
+    """Each row decoded up to its first EOS (None without a tokenizer)."""
+    if tokenizer is None:
+        return None
+    texts = []
+    for row in tokens.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
 
 
 def _padding_id(adapter: ModelAdapter, pad_id: int | None) -> int:

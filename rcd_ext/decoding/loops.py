@@ -166,7 +166,7 @@ def block_diffusion(
     runner: Callable[..., Any],
     adapter: ModelAdapter,
     x: torch.Tensor,
-    prompt_length: int | torch.Tensor,
+    gen_start: int | torch.Tensor,
     block_length: int,
     steps_per_block: int,
     sampling: Sampling,
@@ -176,13 +176,14 @@ def block_diffusion(
 ) -> LoopCounters:
     """Decode the masked tail of x [B, T] in place; T must be a multiple of block_length.
 
-    prompt_length: the column where generation starts, one int for every row or [B] long per
-    row (rows of a batch with prompts of different lengths); decoding starts at the block of
-    the earliest.
+    gen_start: the column where generation starts, one int for every row or [B] long per row
+    (a batch of prompts of different lengths is padded by whole blocks only, so its rows start
+    generating at different columns: `generation.batch_layout`); decoding starts at the block
+    of the earliest.
     """
     counters = LoopCounters()
     mask_id, total = adapter.mask_id, x.shape[1]
-    earliest = prompt_length if isinstance(prompt_length, int) else int(prompt_length.min())
+    earliest = gen_start if isinstance(gen_start, int) else int(gen_start.min())
     first_block = earliest // block_length
     num_blocks = total // block_length
     cache = None
@@ -208,7 +209,7 @@ def block_diffusion(
             step += 1
         counters.blocks += 1
         last = block_index + 1 == num_blocks
-        if stop_at_eos and _all_rows_done(x, prompt_length, end, adapter.eos_id):
+        if stop_at_eos and _all_rows_done(x, gen_start, end, adapter.eos_id):
             counters.stopped_early = not last
             break
         if not last:

@@ -40,17 +40,25 @@ def load_checkpoints(directory: Path = SHIPPED) -> dict[str, nn.Module]:
 
 def train_checkpoints(directory: Path, task: str = "task:coupled_choices", stage1: int = 1000,
                       stage2: int = 500, batch_size: int = 128, quiet: bool = True,
-                      seed: int = 0) -> None:
+                      seed: int = 0, tiny_options: tuple[str, ...] = (),
+                      threads: int | None = None) -> None:
     """Run the recipe's three `rcd train` commands into `directory`/{reference,seqd,rcd}.
 
-    seed: stage 1's seed; stage 2 uses seed + 1 (the shipped checkpoints: seed 0)."""
+    task: `--data` (task:NAME or a .jsonl file).
+    seed: stage 1's seed; stage 2 uses seed + 1 (the shipped checkpoints: seed 0).
+    tiny_options: more `rcd train` options for the fresh reference (sizes, --tokenize, --test).
+    threads: `--threads` of every command (default: this process's torch threads, which the
+        demo set; the commands run in this process)."""
+    import torch
+
     from rcd_ext.cli import main
 
     common = ["--data", task, "--batch-size", str(batch_size), "--save-steps", "1000000",
               "--logging-steps", str(max(1, stage1 // 4) if not quiet else 10**9)]
+    common += ["--threads", str(threads or torch.get_num_threads())]
     commands = {
         "reference": ["--stage", "seqd", "--model", "tiny", "--max-steps", str(stage1),
-                      "--seed", str(seed)],
+                      "--seed", str(seed), *tiny_options],
         "seqd": ["--stage", "seqd", "--model", str(directory / "reference"),
                  "--max-steps", str(stage2), "--seed", str(seed + 1)],
         "rcd": ["--stage", "rcd", "--reference", str(directory / "reference"),

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from rcd_ext.decoding import generate
+from rcd_ext.demo.data_task import JsonlTestSet, merge_records
 from rcd_ext.tasks import Task
 
 
@@ -29,7 +30,8 @@ def decode_record(model: nn.Module, task: Task, test: list[tuple[torch.Tensor, t
         threshold: confidence threshold (at least one token per step); None for fixed.
 
     Returns the record {"method", "init", "steps", "threshold", "tokens_per_step",
-    "forwards" (mean forward passes per problem, the reference's included), "accuracy", "n"}.
+    "forwards" (mean forward passes per problem, the reference's included), "accuracy", "n"},
+    plus "token_accuracy" when `task` has a `token_accuracy(predicted)` (a JSONL test set).
     """
     if (steps is None) == (threshold is None):
         raise ValueError("give exactly one of steps (fixed policy) and threshold")
@@ -55,7 +57,7 @@ def decode_record(model: nn.Module, task: Task, test: list[tuple[torch.Tensor, t
         row_steps = active.sum(0).float().mean().item()
         # the semi-AR loop without a cache makes one target forward per step
         target_forwards = row_steps + out.stats.forward_passes - out.stats.denoising_steps
-    return {
+    record = {
         "method": method,
         "init": init if method == "rcd" else None,
         "steps": steps,
@@ -65,6 +67,12 @@ def decode_record(model: nn.Module, task: Task, test: list[tuple[torch.Tensor, t
         "accuracy": task.score(out.tokens, prompts),
         "n": rows,
     }
+    if hasattr(task, "token_accuracy"):
+        record["token_accuracy"] = task.token_accuracy(out.tokens)
+    return record
+
+
+VARIANTS = [("seqd", None), ("rcd", "warm"), ("rcd", "cold")]
 
 
 def sweep(models: dict[str, nn.Module], task: Task, test: list, *, steps: list[int],
@@ -72,8 +80,7 @@ def sweep(models: dict[str, nn.Module], task: Task, test: list, *, steps: list[i
     """Records for SeqD (`models["seqd"]`) and RCD warm/cold (`models["rcd"]`) at every step
     budget and threshold."""
     records = []
-    variants = [("seqd", None)] + [("rcd", init) for init in ("warm", "cold")]
-    for method, init in variants:
+    for method, init in VARIANTS:
         model = models[method]
         for budget in steps:
             records.append(decode_record(model, task, test, method=method, init=init,
@@ -81,4 +88,24 @@ def sweep(models: dict[str, nn.Module], task: Task, test: list, *, steps: list[i
         for tau in thresholds:
             records.append(decode_record(model, task, test, method=method, init=init,
                                          threshold=tau, reference=reference))
+    return records
+
+
+def sweep_test_set(models: dict[str, nn.Module], test_set: JsonlTestSet, *, steps: list[int],
+                   thresholds: list[float], reference: nn.Module | None,
+                   variants: list[tuple[str, str | None]] | None = None
+                   ) -> list[dict[str, Any]]:
+    """`sweep` over a JSONL test set: each group of equal-length rows is one batch, a step
+    budget above a group's answer length decodes it one token per step, and the groups'
+    records merge into one per variant and setting (`variants`: default SeqD, RCD warm and
+    cold)."""
+    settings = [(budget, None) for budget in steps] + [(None, tau) for tau in thresholds]
+    records = []
+    for method, init in variants or VARIANTS:
+        for budget, tau in settings:
+            parts = [(group, decode_record(
+                models[method], group, group.problems, method=method, init=init,
+                steps=None if budget is None else min(budget, group.answer_length),
+                threshold=tau, reference=reference)) for group in test_set.groups]
+            records.append(merge_records(parts, budget))
     return records

@@ -50,12 +50,26 @@ def table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
-def verdict(records: list[Record]) -> list[str]:
-    """Plain sentences: where RCD (warm) is ahead of SeqD and where it is not."""
+def token_table(records: list[Record]) -> str:
+    """Per-token accuracy (share of response tokens right) per setting and variant."""
+    header = f"{'setting':<10}" + "".join(f"{name:>12}" for *_, name in VARIANTS)
+    lines = [header, "-" * len(header)]
+    for setting in settings_of(records):
+        cells = [_find(records, method, init, setting) for method, init, _ in VARIANTS]
+        lines.append(f"{_label(setting):<10}" + "".join(
+            f"{'' if r is None else format(r['token_accuracy'], '.3f'):>12}" for r in cells))
+    lines.append("per-token accuracy (response tokens right, position by position)")
+    return "\n".join(lines)
+
+
+def verdict(records: list[Record], init: str = "warm") -> list[str]:
+    """Plain sentences: where RCD (`init` start, warm by default) is ahead of SeqD and where
+    it is not."""
     ahead, behind, tied = [], [], []
+    name = f"RCD {init}"
     for setting in settings_of(records):
         seqd, rcd = (_find(records, "seqd", None, setting),
-                     _find(records, "rcd", "warm", setting))
+                     _find(records, "rcd", init, setting))
         if seqd is None or rcd is None:
             continue
         gap = rcd["accuracy"] - seqd["accuracy"]
@@ -67,11 +81,11 @@ def verdict(records: list[Record]) -> list[str]:
     if fixed:
         parallel = fixed[0]
         seqd = _find(records, "seqd", None, parallel)
-        rcd = _find(records, "rcd", "warm", parallel)
+        rcd = _find(records, "rcd", init, parallel)
         if seqd and rcd:
             state = "AHEAD of" if rcd["accuracy"] > seqd["accuracy"] else "NOT ahead of"
             lines.append(f"Most parallel common setting ({_label(parallel)} for the answer): "
-                         f"RCD warm {rcd['accuracy']:.3f} is {state} SeqD {seqd['accuracy']:.3f}"
+                         f"{name} {rcd['accuracy']:.3f} is {state} SeqD {seqd['accuracy']:.3f}"
                          f" (RCD used {rcd['forwards']:.0f} forwards, "
                          f"SeqD {seqd['forwards']:.0f}).")
             # the warm start's reference forward is a real cost: compare at equal forwards too
@@ -80,20 +94,20 @@ def verdict(records: list[Record]) -> list[str]:
             if same_cost:
                 other = same_cost[0]
                 word = "ahead of" if rcd["accuracy"] > other["accuracy"] else "not ahead of"
-                lines.append(f"At equal forward passes ({rcd['forwards']:.0f}), RCD warm is {word}"
+                lines.append(f"At equal forward passes ({rcd['forwards']:.0f}), {name} is {word}"
                              f" SeqD with {other['steps']} steps ({other['accuracy']:.3f}).")
-    lines.append("RCD warm ahead at: " + (", ".join(ahead) or "no setting"))
-    lines.append("RCD warm behind at: " + (", ".join(behind) or "no setting"))
+    lines.append(f"{name} ahead at: " + (", ".join(ahead) or "no setting"))
+    lines.append(f"{name} behind at: " + (", ".join(behind) or "no setting"))
     if tied:
         lines.append("Tied (within one problem): " + ", ".join(tied))
     cold_ahead, cold_behind = _compare(records, "cold")
-    if cold_ahead or cold_behind:
+    if init != "cold" and (cold_ahead or cold_behind):
         lines.append("RCD cold (no extra forward) ahead at: " + (", ".join(cold_ahead) or
                                                                  "no setting")
                      + "; behind at: " + (", ".join(cold_behind) or "no setting"))
-    best = {name: max((r["accuracy"] for r in records
-                       if (r["method"], r["init"]) == (method, init)), default=0.0)
-            for method, init, name in VARIANTS}
+    best = {label: max(r["accuracy"] for r in records if (r["method"], r["init"]) == (m, i))
+            for m, i, label in VARIANTS
+            if any((r["method"], r["init"]) == (m, i) for r in records)}
     lines.append("Best accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in best.items()))
     return lines
 

@@ -7,6 +7,8 @@ Layout (one JSON object):
 
 `checkpoints` is "shipped", {"reference"|"seqd"|"rcd": absolute path}, or "trained in this
 run, not kept"; `training` is null for loaded checkpoints, else the recipe's budget.
+On a user's JSONL test file (`rcd_ext.demo.own_data`) the document also has "data" (the files
+and settings) and every record "token_accuracy".
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 from rcd_ext.atomic_files import write_json_atomic
 
 DIGITS = 4  # 500 problems resolve 0.002; more digits would be float noise (0.29199999...)
-ROUNDED = ("tokens_per_step", "forwards", "accuracy")
+ROUNDED = ("tokens_per_step", "forwards", "accuracy", "token_accuracy")
 
 
 def rounded_record(record: dict[str, Any]) -> dict[str, Any]:

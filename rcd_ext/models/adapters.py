@@ -4,7 +4,8 @@ An adapter answers: where is the input embedding table, which id is the mask, ho
 called with embeddings, are its logits shifted (Dream predicts token i+1 at position i), how
 long is a cache, and how the three cache modes and the block-diffusion loop call it.
 
-Families (chosen from `config.model_type`):
+Families (chosen from `config.model_type` by the family registry, `FAMILIES`: the first
+registered family whose `detect` accepts it, else generic):
 
 | family  | loop            | mask id                       | caches in `generate`          |
 |---------|-----------------|-------------------------------|-------------------------------|
@@ -21,17 +22,24 @@ forward kwargs carry `attention_mask` [B, C+L] over cached + new slots (Dream: t
 mask [B, 1, L, C+L] its attention takes) and `position_ids` holding absolute columns of the
 padded batch; `LeftPaddedModel` turns those columns into each row's own positions at the
 model's door, so the loops and the RCD wrapper keep keying on columns.
+
+Adding a family: an adapter subclass (its `family_options`, `no_padding_reason`, overridden
+cache/loop hooks) and `register_family(ModelFamily(name, detect, AdapterClass))`, in a module
+of your own, plus its test; nothing outside the adapter asks which family a model is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from rcd_ext.registry import Registry
 
 LLADA_MASK_ID = 126336
 DREAM_MASK_ID = 151666
@@ -59,15 +67,6 @@ def _config_id(config: Any, name: str) -> int | None:
         value = value[0] if value else None
     return None if value is None else int(value)
 
-
-# Why a family takes no left padding: its forward's handling of a padding mask is unknown or
-# known to be wrong, and a batch must never decode differently from its rows without saying so.
-NO_PADDING_REASONS = {
-    "llada": "the published LLaDA modelling code ignores attention_mask (ML-GSAI/LLaDA#89) and "
-             "Fast-dLLM's variant turns a padding mask into causal attention",
-    "sdar": "SDAR's block-causal masks are built here without padding",
-    "generic": "the attention_mask semantics of an unknown model are not known",
-}
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,9 +154,14 @@ class ModelAdapter:
         padding: left padding of the batch being decoded (set by `with_padding`), else None.
         supports_padding (class attribute): whether the forward kwargs below are right for a
             left-padded batch in every loop and cache mode of this adapter.
+        no_padding_reason (class attribute): why not, when it does not (its forward's handling
+            of a padding mask is unknown or known to be wrong, and a batch must never decode
+            differently from its rows without saying so).
     """
 
     supports_padding: ClassVar[bool] = False
+    no_padding_reason: ClassVar[str] = "the attention_mask semantics of an unknown model are " \
+                                       "not known"
 
     model: nn.Module
     mask_id: int
@@ -169,6 +173,21 @@ class ModelAdapter:
     cache_modes: tuple[str, ...] = ("none",)
     padding: LeftPadding | None = None
 
+    # ---- what the family's adapter is built with -----------------------------------------------
+    @classmethod
+    def family_options(cls, model: nn.Module, tokenizer: Any,
+                       mask_id: int | None) -> tuple[dict[str, Any], int | None]:
+        """(dataclass fields beyond model / eos / pad / family, mask id or None) for `model`:
+        `mask_id` (the caller's) first, then the family's own sources. Generic: the
+        tokenizer's mask token, then config.mask_token_id."""
+        config = getattr(model, "config", None)
+        return {}, _first(mask_id, _tokenizer_mask_id(tokenizer),
+                          _config_id(config, "mask_token_id"))
+
+    def check_block_length(self, block_length: int) -> None:
+        """ValueError when the block-diffusion loop cannot run this model with `block_length`
+        (a model whose blocks are fixed by its weights says so here)."""
+
     # ---- left padding -----------------------------------------------------------------------
     def check_padding(self) -> None:
         """Raise ValueError when this model cannot decode a left-padded batch."""
@@ -176,10 +195,9 @@ class ModelAdapter:
             return
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)
         name = model_type or type(self.model).__name__
-        reason = NO_PADDING_REASONS.get(self.family, NO_PADDING_REASONS["generic"])
         raise ValueError(f"{name} does not support prompts of different lengths in one batch: "
                          f"decode them separately (or group prompts of equal token length); "
-                         f"{reason}")
+                         f"{self.no_padding_reason}")
 
     def with_padding(self, padding: LeftPadding | None) -> ModelAdapter:
         """This adapter for a batch with `padding` (a copy; None: no padding, self)."""
@@ -322,6 +340,19 @@ class TinyAdapter(ModelAdapter):
 
     supports_padding: ClassVar[bool] = True
 
+    @classmethod
+    def family_options(cls, model, tokenizer, mask_id):
+        block_causal = model.config.attention == "block_causal"
+        options = {"loop": "block_diffusion" if block_causal else "semi_ar",
+                   "cache_modes": ("none",) if block_causal else ("none", "prefix", "dual")}
+        return options, _first(mask_id, _config_id(model.config, "mask_token_id"))
+
+    def check_block_length(self, block_length):
+        config_block = getattr(self.model.config, "block_length", None)
+        if self.loop == "block_diffusion" and config_block != block_length:
+            raise ValueError(f"block_length {block_length} != the model's block_length "
+                             f"{config_block}: a block-causal model decodes its own blocks")
+
     def dual_step_kwargs(self, full_cache, start, end, total, batch_size):
         from rcd_ext.models.tiny_dllm import TinyKVCache
 
@@ -370,6 +401,12 @@ class DreamAdapter(ModelAdapter):
 
     supports_padding: ClassVar[bool] = True
 
+    @classmethod
+    def family_options(cls, model, tokenizer, mask_id):
+        config = getattr(model, "config", None)
+        return {"shift_logits": True}, _first(mask_id, _config_id(config, "mask_token_id"),
+                                              _tokenizer_mask_id(tokenizer), DREAM_MASK_ID)
+
     def padding_kwargs(self, keys, queries):
         kwargs = super().padding_kwargs(keys, queries)
         if self.padding is None:
@@ -384,6 +421,18 @@ class DreamAdapter(ModelAdapter):
 
 class LLaDAAdapter(ModelAdapter):
     """LLaDA remote code; the Fast-dLLM variant adds `replace_position` (dual cache)."""
+
+    no_padding_reason: ClassVar[str] = (
+        "the published LLaDA modelling code ignores attention_mask (ML-GSAI/LLaDA#89) and "
+        "Fast-dLLM's variant turns a padding mask into causal attention")
+
+    @classmethod
+    def family_options(cls, model, tokenizer, mask_id):
+        modes = ("none", "prefix", "dual") if _takes(model, "replace_position") \
+            else ("none", "prefix")
+        config = getattr(model, "config", None)
+        return {"cache_modes": modes}, _first(mask_id, _config_id(config, "mask_token_id"),
+                                              LLADA_MASK_ID)
 
     def prefix_step_kwargs(self, prefix_cache):
         # Fast-dLLM's LLaDA code expects use_cache=True with a cache; the returned cache is
@@ -402,6 +451,14 @@ class SDARAdapter(ModelAdapter):
     Like SDAR's own sampler, every call gets an explicit block-causal attention mask
     [1, 1, l, cached + l] (1 = may attend) and absolute position ids.
     """
+
+    no_padding_reason: ClassVar[str] = "SDAR's block-causal masks are built here without padding"
+
+    @classmethod
+    def family_options(cls, model, tokenizer, mask_id):
+        config = getattr(model, "config", None)
+        return {"loop": "block_diffusion"}, _first(mask_id, _tokenizer_mask_id(tokenizer),
+                                                   _config_id(config, "mask_token_id"))
 
     @staticmethod
     def _block_causal(start: int, end: int, block_length: int,
@@ -444,15 +501,54 @@ def _tokenizer_mask_id(tokenizer: Any) -> int | None:
     return None if token_id is None or token_id == unk else int(token_id)
 
 
-def family_of(model: nn.Module) -> str:
-    """'llada', 'dream', 'sdar', 'tiny' or 'generic' from the config's model_type."""
-    model_type = str(getattr(getattr(model, "config", None), "model_type", "")).lower()
-    if model_type == "rcd-tiny-dllm":
-        return "tiny"
-    for family in ("llada", "dream", "sdar"):
-        if model_type.startswith(family):
-            return family
+# the transformers Auto classes `load_model` tries for a model of no family, in this order
+GENERIC_LOADERS = ("AutoModelForMaskedLM", "AutoModel", "AutoModelForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family: `detect(model_type)` (config.model_type, lower case) says whether a model
+    belongs to it, `adapter_class` builds its adapter (`family_options`, `no_padding_reason`,
+    loop and cache hooks), `loaders` names the transformers Auto classes `load_model` tries."""
+
+    name: str
+    detect: Callable[[str], bool]
+    adapter_class: type[ModelAdapter]
+    loaders: tuple[str, ...] = GENERIC_LOADERS
+
+
+# tried in registration order; a model no family detects is "generic" (`ModelAdapter`)
+FAMILIES: Registry[ModelFamily] = Registry("model family")
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Make `get_adapter` build `family.adapter_class` for the models `family.detect` accepts."""
+    return FAMILIES.register(family.name, family)
+
+
+register_family(ModelFamily("tiny", lambda model_type: model_type == "rcd-tiny-dllm", TinyAdapter,
+                            loaders=("AutoModel",)))
+register_family(ModelFamily("llada", lambda model_type: model_type.startswith("llada"),
+                            LLaDAAdapter, loaders=("AutoModel",)))
+register_family(ModelFamily("dream", lambda model_type: model_type.startswith("dream"),
+                            DreamAdapter, loaders=("AutoModel",)))
+register_family(ModelFamily("sdar", lambda model_type: model_type.startswith("sdar"),
+                            SDARAdapter, loaders=("AutoModelForCausalLM", "AutoModel")))
+
+
+def family_of_type(model_type: Any) -> str:
+    """The name of the first registered family that detects `model_type` (compared in lower
+    case; 'tiny', 'llada', 'dream', 'sdar' built in), else 'generic'."""
+    model_type = str(model_type).lower()
+    for name, family in FAMILIES.items():
+        if family.detect(model_type):
+            return name
     return "generic"
+
+
+def family_of(model: nn.Module) -> str:
+    """The family of `model` from its config's model_type (see `family_of_type`)."""
+    return family_of_type(getattr(getattr(model, "config", None), "model_type", ""))
 
 
 def get_adapter(
@@ -473,35 +569,12 @@ def get_adapter(
                         "input embedding table")
     config = getattr(model, "config", None)
     family = family_of(model)
+    adapter_class = FAMILIES.get(family).adapter_class if family in FAMILIES else ModelAdapter
     eos_id = _first(getattr(tokenizer, "eos_token_id", None), _config_id(config, "eos_token_id"))
     pad_id = _first(getattr(tokenizer, "pad_token_id", None), _config_id(config, "pad_token_id"))
-    config_mask = _config_id(config, "mask_token_id")
+    options, found = adapter_class.family_options(model, tokenizer, mask_id)
     kwargs: dict[str, Any] = {"model": model, "eos_id": eos_id, "pad_id": pad_id,
-                              "family": family}
-    if family == "tiny":
-        adapter_class = TinyAdapter
-        block_causal = config.attention == "block_causal"
-        kwargs["loop"] = "block_diffusion" if block_causal else "semi_ar"
-        kwargs["cache_modes"] = ("none",) if block_causal else ("none", "prefix", "dual")
-        found = _first(mask_id, config_mask)
-    elif family == "llada":
-        adapter_class = LLaDAAdapter
-        modes = ["none", "prefix"]
-        if _takes(model, "replace_position"):
-            modes.append("dual")
-        kwargs["cache_modes"] = tuple(modes)
-        found = _first(mask_id, config_mask, LLADA_MASK_ID)
-    elif family == "dream":
-        adapter_class = DreamAdapter
-        kwargs["shift_logits"] = True
-        found = _first(mask_id, config_mask, _tokenizer_mask_id(tokenizer), DREAM_MASK_ID)
-    elif family == "sdar":
-        adapter_class = SDARAdapter
-        kwargs["loop"] = "block_diffusion"
-        found = _first(mask_id, _tokenizer_mask_id(tokenizer), config_mask)
-    else:
-        adapter_class = ModelAdapter
-        found = _first(mask_id, _tokenizer_mask_id(tokenizer), config_mask)
+                              "family": family, **options}
     if shift_logits is not None:
         kwargs["shift_logits"] = shift_logits
     if found is None:
@@ -558,24 +631,17 @@ def load_model(
 
     Remote modelling code (LLaDA, Dream, SDAR) runs only with `trust_remote_code=True`.
     """
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForMaskedLM,
-        AutoTokenizer,
-    )
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
-    import rcd_ext.models  # noqa: F401  registers the tiny dLLM with the Auto classes
+    from rcd_ext.models import register_tiny_dllm
+
+    register_tiny_dllm()
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    model_type = str(config.model_type).lower()
-    if model_type.startswith("sdar"):
-        loaders = [AutoModelForCausalLM, AutoModel]
-    elif model_type.startswith(("llada", "dream")) or model_type == "rcd-tiny-dllm":
-        loaders = [AutoModel]
-    else:
-        loaders = [AutoModelForMaskedLM, AutoModel, AutoModelForCausalLM]
+    family = family_of_type(config.model_type)
+    names = FAMILIES.get(family).loaders if family in FAMILIES else GENERIC_LOADERS
+    loaders = [getattr(transformers, name) for name in names]
     errors = []
     model = None
     for loader in loaders:

@@ -3,8 +3,9 @@
 The model is an ordinary pre-LN transformer encoder with learned absolute position embeddings
 and an untied LM head (``tie_word_embeddings=True`` in the config ties it to the input table).
 It is registered with the Hugging Face Auto classes (model type ``"rcd-tiny-dllm"``) when
-``rcd_ext.models`` is imported, so ``AutoModel.from_pretrained(path)`` and
-``AutoModelForMaskedLM.from_pretrained(path)`` load a saved checkpoint without ``auto_map``.
+this module is imported (`rcd_ext.models.register_tiny_dllm()`), so
+``AutoModel.from_pretrained(path)`` and ``AutoModelForMaskedLM.from_pretrained(path)`` load a
+saved checkpoint without ``auto_map``.
 
 Contract used by the decoding loops and the trainer
 ---------------------------------------------------
@@ -383,6 +384,64 @@ class TinyDLLMModel(PreTrainedModel):
             allowed = allowed | empty
         return allowed
 
+    def _input_embeddings(self, input_ids: torch.Tensor | None,
+                          inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """[B, L, D] token embeddings from exactly one of input_ids [B, L], inputs_embeds."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(
+                "TinyDLLMModel.forward takes exactly one of input_ids [B, L] and "
+                f"inputs_embeds [B, L, D]; got input_ids={_shape(input_ids)}, "
+                f"inputs_embeds={_shape(inputs_embeds)}"
+            )
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
+            return self.embed_tokens(input_ids)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be [B, L, {self.config.hidden_size}], "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        return inputs_embeds
+
+    def _checked_cache(self, past_key_values: TinyKVCache | None, batch: int) -> TinyKVCache:
+        cache = past_key_values if past_key_values is not None else TinyKVCache()
+        if not isinstance(cache, TinyKVCache):
+            raise ValueError(
+                f"past_key_values must be None or a TinyKVCache, got {type(cache).__name__}"
+            )
+        if len(cache) not in (0, self.config.num_hidden_layers):
+            raise ValueError(
+                f"past_key_values has {len(cache)} layers, the model has "
+                f"{self.config.num_hidden_layers}"
+            )
+        if cache.batch_size not in (None, batch):
+            raise ValueError(
+                f"past_key_values holds batch {cache.batch_size}, the input has batch {batch}"
+            )
+        return cache
+
+    def _checked_positions(self, position_ids: torch.Tensor | None, cache_length: int,
+                           length: int, device: torch.device) -> torch.Tensor:
+        """position_ids [B, L] or [L], default C .. C+L-1, all inside the position table."""
+        limit = self.config.max_position_embeddings
+        if position_ids is None:
+            if cache_length + length > limit:
+                raise ValueError(
+                    f"{cache_length} cached + {length} new positions exceed "
+                    f"max_position_embeddings={limit}"
+                )
+            return torch.arange(cache_length, cache_length + length, device=device)[None]
+        if position_ids.shape[-1] != length:
+            raise ValueError(
+                f"position_ids {tuple(position_ids.shape)} must be [B, {length}] or [{length}]"
+            )
+        if position_ids.numel() and (
+            int(position_ids.min()) < 0 or int(position_ids.max()) >= limit
+        ):
+            raise ValueError(f"position_ids must lie in [0, max_position_embeddings={limit})")
+        return position_ids
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -407,61 +466,13 @@ class TinyDLLMModel(PreTrainedModel):
         Returns:
             ``.logits`` [B, L, V] float32 and ``.past_key_values`` (new cache or ``None``).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError(
-                "TinyDLLMModel.forward takes exactly one of input_ids [B, L] and "
-                f"inputs_embeds [B, L, D]; got input_ids={_shape(input_ids)}, "
-                f"inputs_embeds={_shape(inputs_embeds)}"
-            )
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
-            inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-            raise ValueError(
-                f"inputs_embeds must be [B, L, {self.config.hidden_size}], "
-                f"got {tuple(inputs_embeds.shape)}"
-            )
+        inputs_embeds = self._input_embeddings(input_ids, inputs_embeds)
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
-
-        cache = past_key_values if past_key_values is not None else TinyKVCache()
-        if not isinstance(cache, TinyKVCache):
-            raise ValueError(
-                f"past_key_values must be None or a TinyKVCache, got {type(cache).__name__}"
-            )
+        cache = self._checked_cache(past_key_values, batch)
         cache_length = cache.get_seq_length()
-        if len(cache) not in (0, self.config.num_hidden_layers):
-            raise ValueError(
-                f"past_key_values has {len(cache)} layers, the model has "
-                f"{self.config.num_hidden_layers}"
-            )
-        if cache.batch_size not in (None, batch):
-            raise ValueError(
-                f"past_key_values holds batch {cache.batch_size}, the input has batch {batch}"
-            )
-
         total = cache_length + length
-        if position_ids is None:
-            if total > self.config.max_position_embeddings:
-                raise ValueError(
-                    f"{cache_length} cached + {length} new positions exceed "
-                    f"max_position_embeddings={self.config.max_position_embeddings}"
-                )
-            position_ids = torch.arange(cache_length, total, device=device)[None]
-        else:
-            if position_ids.shape[-1] != length:
-                raise ValueError(
-                    f"position_ids {tuple(position_ids.shape)} must be [B, {length}] or [{length}]"
-                )
-            if position_ids.numel() and (
-                int(position_ids.min()) < 0
-                or int(position_ids.max()) >= self.config.max_position_embeddings
-            ):
-                raise ValueError(
-                    "position_ids must lie in [0, max_position_embeddings="
-                    f"{self.config.max_position_embeddings})"
-                )
+        position_ids = self._checked_positions(position_ids, cache_length, length, device)
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, total):
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} must be [B, C+L] = "
@@ -485,3 +496,15 @@ class TinyDLLMModel(PreTrainedModel):
 
 def _shape(tensor: torch.Tensor | None) -> tuple[int, ...] | None:
     return None if tensor is None else tuple(tensor.shape)
+
+
+def _register_with_auto_classes() -> None:
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    # exist_ok: a second registration of the same classes (e.g. importlib.reload) is harmless.
+    AutoConfig.register(TinyDLLMConfig.model_type, TinyDLLMConfig, exist_ok=True)
+    AutoModel.register(TinyDLLMConfig, TinyDLLMModel, exist_ok=True)
+    AutoModelForMaskedLM.register(TinyDLLMConfig, TinyDLLMModel, exist_ok=True)
+
+
+_register_with_auto_classes()

@@ -4,12 +4,18 @@ Layout of the vocabulary (fixed, so that ids are predictable without building a 
 ids 0..4 are the special tokens ``[PAD] [MASK] [EOS] [BOS] [UNK]`` and id 5 + i is
 ``symbols[i]``. Text is split on whitespace only, every symbol is one token, encoding adds no
 special tokens, and decoding joins tokens with single spaces. A word outside the symbols becomes
-``[UNK]``: `unknown_words` finds such words and `check_known_words` warns about them (or refuses).
+``[UNK]``: `unknown_words` finds such words and `check_known_words` warns about them (or refuses);
+`count_unknown_tokens` counts them for a data file's report.
+
+`tokenizer_from_texts` builds the vocabulary from a user's training texts instead: whitespace
+words (as above) or single characters (``unit="chars"``: every character, the space included,
+is one token, and decoding joins tokens with nothing between them).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,16 +24,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SPECIAL_TOKENS",
+    "TOKEN_UNITS",
     "UnknownWordsWarning",
     "build_tiny_tokenizer",
+    "count_unknown_tokens",
+    "describe_unknown_counts",
     "check_known_words",
     "describe_unknown_words",
     "tiny_vocab",
+    "tokenizer_from_texts",
     "unknown_words",
 ]
 
 PAD, MASK, EOS, BOS, UNK = "[PAD]", "[MASK]", "[EOS]", "[BOS]", "[UNK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, MASK, EOS, BOS, UNK)
+TOKEN_UNITS: tuple[str, ...] = ("words", "chars")
 
 
 def tiny_vocab(symbols: Sequence[str]) -> dict[str, int]:
@@ -58,11 +69,16 @@ def build_tiny_tokenizer(
     with ``save_pretrained`` and reloads offline with ``AutoTokenizer.from_pretrained``.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel(vocab=tiny_vocab(symbols), unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # No decoder: the tokenizers library then joins decoded tokens with single spaces.
+    return _wrap(backend, model_max_length)
+
+
+def _wrap(backend: Any, model_max_length: int) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,
@@ -131,3 +147,58 @@ def describe_unknown_words(unknown: Sequence[str], unk_token: str | None = UNK,
     verb = "becomes" if len(unknown) == 1 else "become"
     return (f"{len(unknown)} {subject} not in the tokenizer's vocabulary and {verb} "
             f"{unk_token or 'the unknown token'}: {listed}{more}")
+
+
+def _character_tokenizer(characters: Sequence[str], model_max_length: int
+                         ) -> PreTrainedTokenizerFast:
+    """Every character one token (spaces and newlines too); decoding concatenates."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    for character in characters:
+        vocab.setdefault(character, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return _wrap(backend, model_max_length)
+
+
+def tokenizer_from_texts(texts: Iterable[str], unit: str = "words",
+                         model_max_length: int = 64) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer over every token of `texts`, in sorted order (so ids do not depend
+    on the row order): whitespace words (`unit="words"`) or characters (`"chars"`).
+
+    A text token that spells a special token (``[MASK]``) is refused with ValueError.
+    """
+    if unit not in TOKEN_UNITS:
+        raise ValueError(f"unit {unit!r}: expected one of {', '.join(TOKEN_UNITS)}")
+    seen: set[str] = set()
+    for text in texts:
+        seen.update(text.split() if unit == "words" else text)
+    reserved = sorted(seen & set(SPECIAL_TOKENS))
+    if reserved:
+        raise ValueError(f"the data uses {reserved[0]}, one of the tokenizer's special tokens "
+                         f"{', '.join(SPECIAL_TOKENS)} (rename it in the data)")
+    if unit == "chars":
+        return _character_tokenizer(sorted(seen), model_max_length)
+    return build_tiny_tokenizer(sorted(seen), model_max_length)
+
+
+def count_unknown_tokens(tokenizer: Any, texts: Iterable[str]) -> Counter[str]:
+    """How often each piece of `texts` is encoded as the unknown token (empty: all known)."""
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    counts: Counter[str] = Counter()
+    if unk_id is None:
+        return counts
+    for text in texts:
+        counts.update(_unknown_pieces(tokenizer, text, unk_id))
+    return counts
+
+
+def describe_unknown_counts(counts: Counter[str], source: str, shown: int = 5) -> str:
+    """One line: `source` has N distinct unknown tokens (M occurrences), the commonest first."""
+    listed = ", ".join(f"{token!r} x{number}" for token, number in counts.most_common(shown))
+    more = f" and {len(counts) - shown} more" if len(counts) > shown else ""
+    return (f"{source}: {len(counts)} distinct token{'s' if len(counts) != 1 else ''} "
+            f"({sum(counts.values())} occurrences) not in the model's vocabulary, which the "
+            f"model reads as {UNK} and can never write: {listed}{more}")

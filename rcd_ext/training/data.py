@@ -7,7 +7,9 @@ pads them into a batch with the response mask the loss needs.
   {"messages": [{"role": ..., "content": ...}, ...]} whose last message is the assistant's.
   With a tokenizer that has a chat template, the prompt is rendered by it (generation prompt
   added); the response is the plain tokenisation of the answer, then EOS. A bad line raises
-  ValueError naming the file and the line.
+  `DataError` (a ValueError) `file:line: what (fix)` (`rcd_ext.training.jsonl_rows`), a row
+  longer than the model's context too; tokens outside the vocabulary are warned about with
+  counts (`UnknownWordsWarning`), never mapped to the unknown token silently.
 - A directory written by `datasets.Dataset.save_to_disk` with the same columns.
 - `task:NAME` or `task:NAME:key=value,...`: fresh problems from `rcd_ext.tasks` forever,
   seeded, so a resumed run sees the same stream (Trainer skips the consumed batches).
@@ -15,7 +17,8 @@ pads them into a batch with the response mask the loss needs.
 
 from __future__ import annotations
 
-import json
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from rcd_ext.models.tiny_tokenizer import (
+    UnknownWordsWarning,
+    count_unknown_tokens,
+    describe_unknown_counts,
+)
 from rcd_ext.tasks import Task, get_task
+from rcd_ext.training.jsonl_rows import DataError, TextRow, read_text_rows, row_fields
 
 Example = dict[str, Any]
 
@@ -86,61 +95,57 @@ def _has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def prompt_ids_of(row: TextRow, tokenizer: Any) -> list[int]:
+    """The prompt's ids: the chat template's rendering (generation prompt added) when the
+    tokenizer has one, else the plain tokenisation of the context's contents."""
+    if _has_chat_template(tokenizer):
+        return list(tokenizer.apply_chat_template(row.context, add_generation_prompt=True,
+                                                  tokenize=True))
+    return tokenizer(row.prompt)["input_ids"]
+
+
+def tokenize_text_row(row: TextRow, tokenizer: Any, append_eos: bool = True,
+                      max_length: int | None = None) -> Example:
+    """A checked `TextRow` -> example; DataError naming its file:line when it is too long."""
+    prompt_ids = prompt_ids_of(row, tokenizer)
+    response_ids = tokenizer(row.response, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id if append_eos else None
+    if eos is not None:
+        response_ids = response_ids + [eos]
+    ids = prompt_ids + response_ids
+    if max_length is not None and len(ids) > max_length:
+        parts = (f"prompt {len(prompt_ids)} + response {len(response_ids) - (eos is not None)}"
+                 + (" + EOS" if eos is not None else ""))
+        raise DataError(f"{row.where}: {len(ids)} tokens ({parts}) > the model's context of "
+                        f"{max_length} (shorten the row, or train a model with a longer "
+                        "context)")
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "prompt_length": len(prompt_ids)}
+
+
 def tokenize_row(row: Any, tokenizer: Any, where: str, append_eos: bool = True,
                  max_length: int | None = None) -> Example:
     """One JSON row -> example; ValueError naming `where` (file:line) on a malformed row."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "messages" in row:
-        messages = row["messages"]
-        ok = (isinstance(messages, list) and len(messages) >= 2
-              and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                      and isinstance(m.get("role"), str) for m in messages))
-        if not ok:
-            raise ValueError(f"{where}: 'messages' must be a list of >= 2 "
-                             "{'role': str, 'content': str} objects")
-        if messages[-1]["role"] != "assistant":
-            raise ValueError(f"{where}: the last message must be the assistant's (the response),"
-                             f" got role {messages[-1]['role']!r}")
-        context, response = messages[:-1], messages[-1]["content"]
-    elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-        context, response = [{"role": "user", "content": row["prompt"]}], row["response"]
-    else:
-        raise ValueError(f"{where}: expected keys 'prompt' and 'response' (strings) or "
-                         f"'messages', got keys {sorted(row)}")
-    if _has_chat_template(tokenizer):
-        prompt_ids = list(tokenizer.apply_chat_template(context, add_generation_prompt=True,
-                                                        tokenize=True))
-    else:
-        prompt_ids = tokenizer("\n".join(m["content"] for m in context))["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if append_eos and tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    if not response_ids:
-        raise ValueError(f"{where}: empty response")
-    ids = prompt_ids + response_ids
-    if max_length is not None and len(ids) > max_length:
-        raise ValueError(f"{where}: {len(ids)} tokens > max length {max_length}")
-    return {"input_ids": torch.tensor(ids, dtype=torch.long), "prompt_length": len(prompt_ids)}
+    return tokenize_text_row(row_fields(row, where), tokenizer, append_eos, max_length)
+
+
+def warn_unknown_tokens(tokenizer: Any, rows: list[TextRow], source: str) -> Counter[str]:
+    """Warn (`UnknownWordsWarning`) with counts when `rows` hold tokens outside the tokenizer's
+    vocabulary, instead of letting them become its unknown token silently."""
+    texts = [text for row in rows for text in (row.prompt, row.response)]
+    counts = count_unknown_tokens(tokenizer, texts)
+    if counts:
+        warnings.warn(describe_unknown_counts(counts, source), UnknownWordsWarning,
+                      stacklevel=2)
+    return counts
 
 
 def load_jsonl(path: str | Path, tokenizer: Any, append_eos: bool = True,
                max_length: int | None = None) -> TokenizedRows:
     """Tokenise a JSONL file (see the module docstring for the row formats)."""
-    examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            examples.append(tokenize_row(row, tokenizer, where, append_eos, max_length))
-    if not examples:
-        raise ValueError(f"{path}: no rows")
-    return TokenizedRows(examples)
+    rows = read_text_rows(path)
+    warn_unknown_tokens(tokenizer, rows, str(path))
+    return TokenizedRows([tokenize_text_row(row, tokenizer, append_eos, max_length)
+                          for row in rows])
 
 
 def load_hf_dataset(path: str | Path, tokenizer: Any, append_eos: bool = True,

@@ -105,8 +105,11 @@ class DiffusionTrainer(Trainer):
         self.mask_id = mask_token_id(self.model, tokenizer) if mask_id is None else mask_id
         # Our loss is a per-batch mean that Trainer must divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
+        # tokens/s counts only the time inside training steps: an interval that holds a
+        # checkpoint save, the start-up or a resume's batch skipping is not slower training
         self._tokens_seen = 0
-        self._rate_mark = (time.perf_counter(), 0)
+        self._step_seconds = 0.0
+        self._rate_mark = (0.0, 0)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
               **kwargs: Any) -> Any:
@@ -131,6 +134,14 @@ class DiffusionTrainer(Trainer):
         if self.args.should_save and checkpoint.is_dir():
             write_complete_marker(checkpoint)
 
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The stock step, timed for the tokens/s of the logs."""
+        began = time.perf_counter()
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            self._step_seconds += time.perf_counter() - began
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor],
                      return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         """The 1/t-weighted masked-diffusion loss of `inputs` (from `DiffusionCollator`)."""
@@ -148,13 +159,13 @@ class DiffusionTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds tokens/s (this process, since the previous log) to the Trainer's logs."""
+        """Adds tokens/s (this process, training steps only, since the previous log)."""
         if "loss" in logs:
-            now = time.perf_counter()
-            mark_time, mark_tokens = self._rate_mark
+            mark_seconds, mark_tokens = self._rate_mark
             logs["tokens_per_second"] = round(
-                (self._tokens_seen - mark_tokens) / max(now - mark_time, 1e-9), 1)
-            self._rate_mark = (now, self._tokens_seen)
+                (self._tokens_seen - mark_tokens) / max(self._step_seconds - mark_seconds, 1e-9),
+                1)
+            self._rate_mark = (self._step_seconds, self._tokens_seen)
         super().log(logs, start_time)
 
 

@@ -54,8 +54,9 @@ class _AttentionCore(nn.Module):
         q, k, v = self.qkv(hidden).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         return hidden, q, k.contiguous(), v.contiguous()
 
-    def logits(self, hidden, q, k, v) -> torch.Tensor:
-        out = nn.functional.scaled_dot_product_attention(q, k, v)
+    def logits(self, hidden, q, k, v, allowed=None) -> torch.Tensor:
+        """[B, l, V] logits; `allowed` [.., l, L] boolean mask of admissible keys (None: all)."""
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.head(hidden + out.transpose(1, 2).reshape(hidden.shape))
 
 

@@ -25,12 +25,16 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 __all__ = [
-    "CACHE_MODES", "CLI", "PYTHON", "Bounds", "DecodingConfig", "LazyChoices",
-    "OptionError", "ResidualConfig", "Spelling", "add_arguments", "check_lengths", "field_type",
-    "option", "option_names", "split_flat",
+    "CACHE_MODES", "CLI", "PYTHON", "REFERENCE_SOURCES", "RESIDUAL_SOURCES", "Bounds",
+    "DecodingConfig", "LazyChoices", "OptionError", "ResidualConfig", "Spelling",
+    "add_arguments", "check_lengths", "field_type", "option", "option_names", "split_flat",
 ]
 
 CACHE_MODES = ("none", "prefix", "dual")
+# stage-2 training: where a masked position's residual comes from (rcd_ext.training.objective);
+# the first two read the frozen reference model
+RESIDUAL_SOURCES = ("same", "previous-step", "self", "dirichlet")
+REFERENCE_SOURCES = ("same", "previous-step")
 
 
 class LazyChoices(Sequence[str]):

@@ -36,6 +36,7 @@ from rcd_ext.commands._usage import (
     positive_float,
     positive_int,
 )
+from rcd_ext.options import REFERENCE_SOURCES, RESIDUAL_SOURCES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -53,8 +54,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--data", required=True,
                         help="a .jsonl file, a saved HF dataset directory, or task:NAME[:k=v,..]")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--residual-source", choices=("same", "previous-step", "self"),
-                        default="previous-step")
+    parser.add_argument("--residual-source", choices=RESIDUAL_SOURCES, default="previous-step",
+                        help="stage rcd: the residual's source: the reference on the same or a "
+                             "more-masked input, the target itself, or Dirichlet(c) draws (no "
+                             "reference)")
+    parser.add_argument("--dirichlet-concentration", type=positive_float, default=1.0,
+                        help="c of --residual-source dirichlet")
     parser.add_argument("--no-residual-fraction", type=fraction, default=0.1,
                         help="share of rows trained with plain [M] inputs (stage rcd)")
     parser.add_argument("--eps", type=positive_float, default=1e-3, help="t ~ U(eps, 1)")
@@ -145,10 +150,11 @@ def check_scheduler(name: str) -> None:
 
 def check_arguments(args: argparse.Namespace) -> tuple[str, str | None]:
     """Every check that needs no model: (model source or 'tiny', reference source or None)."""
-    needs_reference = args.stage == "rcd" and args.residual_source != "self"
+    needs_reference = args.stage == "rcd" and args.residual_source in REFERENCE_SOURCES
     if needs_reference and not args.reference:
         raise UsageError(f"--stage rcd --residual-source {args.residual_source} needs "
-                         "--reference (give the stage-1 checkpoint, or --residual-source self)")
+                         "--reference (give the stage-1 checkpoint, or --residual-source self "
+                         "or dirichlet)")
     model = args.model or (args.reference if args.stage == "rcd" else None)
     if model is None:
         raise UsageError("--model is required (a checkpoint, or 'tiny' with --data task:NAME "
@@ -236,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"training with {threads} thread{'s' if threads > 1 else ''} (the idle cores; "
               "--threads sets it)")
     diffusion = DiffusionArguments(stage=args.stage, residual_source=args.residual_source,
+                                   dirichlet_concentration=args.dirichlet_concentration,
                                    no_residual_fraction=args.no_residual_fraction, eps=args.eps)
     if model_source == "tiny" and rows is not None:
         model, tokenizer = tiny_for_rows(args, rows, test_rows)

@@ -10,7 +10,9 @@ residual (1 - alpha) E[M] + alpha * softmax(z) E, with z the logits of a *source
 - `previous-step`: the reference on a more-masked copy, t' = t + u (1 - t), u ~ U(0, 1)
   (each still-visible response token masked with probability u), which imitates the previous
   denoising step that inference feeds back;
-- `self`: a no-grad forward of the target itself on that more-masked copy.
+- `self`: a no-grad forward of the target itself on that more-masked copy;
+- `dirichlet`: no forward, logits log p0 with p0 ~ Dirichlet(c 1_V) drawn per position (the
+  paper's v2 first residual, which needs no reference model; inference's `init="dirichlet"`).
 alpha is the normalised entropy of softmax(z) (t_res = 1), E the *target's* input embedding
 table. Rows drawn into `no_residual_fraction` keep plain [M] inputs, so a cold start stays in
 distribution. The residual is an input: no gradient flows through it or the source forward.
@@ -22,7 +24,7 @@ read inside the forward (where FSDP has gathered it) and any model with
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,8 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcd_ext.ops import residual_context
+from rcd_ext.options import REFERENCE_SOURCES, RESIDUAL_SOURCES
+from rcd_ext.residual import dirichlet_logits
 
-RESIDUAL_SOURCES = ("same", "previous-step", "self")
+__all__ = ["REFERENCE_SOURCES", "RESIDUAL_SOURCES", "Noise", "diffusion_loss", "draw_noise",
+           "injected_residual", "masked_diffusion_loss", "model_logits"]
 
 
 @dataclass
@@ -95,25 +100,35 @@ def masked_diffusion_loss(logits: torch.Tensor, input_ids: torch.Tensor, noise: 
 
 
 @contextmanager
-def injected_residual(model: nn.Module, positions: torch.Tensor, source_logits: torch.Tensor,
+def injected_residual(model: nn.Module, positions: torch.Tensor,
+                      source_logits: torch.Tensor | Callable[[int], torch.Tensor],
                       mask_id: int) -> Iterator[None]:
     """Inside the block, `model`'s input embeddings at `positions` are the residual.
 
     Args:
         positions: [B, L] bool, where to inject (masked positions of rows with a residual).
-        source_logits: [B, L, V] logits of the source forward (only rows at `positions` used).
+        source_logits: [B, L, V] logits of the source forward (only rows at `positions` used),
+            or a function of V giving the [N, V] logits of the N positions, called once, inside
+            the first forward (where FSDP has gathered the table, whose rows give V).
         mask_id: id of [M] (its row of the table is E[M]).
     """
     inner = model
     while not hasattr(inner, "get_input_embeddings") and hasattr(inner, "module"):
         inner = inner.module  # DDP / FSDP / DeepSpeed wrappers hold the model as .module
     embedding = inner.get_input_embeddings()
-    rows = source_logits[positions]  # [N, V]
+    drawn: list[torch.Tensor] = []  # a recomputed forward (checkpointing) reuses the first draw
+
+    def source_rows(vocab: int) -> torch.Tensor:
+        if not drawn:
+            drawn.append(source_logits(vocab) if callable(source_logits)
+                         else source_logits[positions])
+        return drawn[0]
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        table = module.weight
+        rows = source_rows(table.shape[0])  # [N, V]
         if rows.shape[0] == 0:
             return output
-        table = module.weight
         embeds, _ = residual_context(rows, table, table[mask_id], t_res=1.0, strategy="entropy")
         output = output.clone()
         output[positions] = embeds.to(output.dtype)
@@ -136,7 +151,8 @@ def model_logits(model: nn.Module, input_ids: torch.Tensor,
 
 def diffusion_loss(model: nn.Module, batch: dict[str, torch.Tensor], noise: Noise, *,
                    mask_id: int, stage: str = "seqd", reference: nn.Module | None = None,
-                   residual_source: str = "previous-step") -> torch.Tensor:
+                   residual_source: str = "previous-step",
+                   dirichlet_concentration: float = 1.0) -> torch.Tensor:
     """The loss of one batch for stage "seqd" or "rcd" (see the module docstring).
 
     Args:
@@ -145,6 +161,8 @@ def diffusion_loss(model: nn.Module, batch: dict[str, torch.Tensor], noise: Nois
             "attention_mask" [B, L].
         noise: from `draw_noise`.
         reference: frozen reference (stage "rcd" with source "same"/"previous-step").
+        dirichlet_concentration: c of source "dirichlet" (drawn from the global RNG, which
+            `transformers.Trainer` checkpoints, so a resumed run draws the same residuals).
     Returns a scalar.
     """
     input_ids, response_mask = batch["input_ids"], batch["response_mask"].bool()
@@ -158,15 +176,30 @@ def diffusion_loss(model: nn.Module, batch: dict[str, torch.Tensor], noise: Nois
     if residual_source not in RESIDUAL_SOURCES:
         raise ValueError(f"residual_source must be one of {RESIDUAL_SOURCES}, "
                          f"got {residual_source!r}")
-    source_input = noisy
-    if residual_source != "same":
-        source_input = noisy.masked_fill(noise.extra, mask_id)
-    source = model if residual_source == "self" else reference
-    if source is None:
-        raise ValueError(f"residual source {residual_source!r} needs a reference model")
-    with torch.no_grad():
-        source_logits = model_logits(source, source_input, attention_mask)
     positions = noise.masked & noise.residual[:, None]
+    if residual_source == "dirichlet":
+        count = int(positions.sum())
+
+        def source_logits(vocab: int) -> torch.Tensor:
+            return dirichlet_logits(count, vocab, dirichlet_concentration,
+                                    device=positions.device)
+    else:
+        source_logits = _source_forward_logits(noisy, noise, mask_id, attention_mask,
+                                               model if residual_source == "self" else reference,
+                                               residual_source)
     with injected_residual(model, positions, source_logits, mask_id):
         logits = model_logits(model, noisy, attention_mask)
     return masked_diffusion_loss(logits, input_ids, noise, response_mask)
+
+
+def _source_forward_logits(noisy: torch.Tensor, noise: Noise, mask_id: int,
+                           attention_mask: torch.Tensor | None, source: nn.Module | None,
+                           residual_source: str) -> torch.Tensor:
+    """[B, L, V] no-grad logits of the source model on its input (see the module docstring)."""
+    if source is None:
+        raise ValueError(f"residual source {residual_source!r} needs a reference model")
+    source_input = noisy
+    if residual_source != "same":
+        source_input = noisy.masked_fill(noise.extra, mask_id)
+    with torch.no_grad():
+        return model_logits(source, source_input, attention_mask)

@@ -24,7 +24,12 @@ from rcd_ext.training.checkpoint_integrity import (
     write_complete_marker,
 )
 from rcd_ext.training.data import DiffusionCollator, load_training_data, parse_task_spec
-from rcd_ext.training.objective import RESIDUAL_SOURCES, diffusion_loss, draw_noise
+from rcd_ext.training.objective import (
+    REFERENCE_SOURCES,
+    RESIDUAL_SOURCES,
+    diffusion_loss,
+    draw_noise,
+)
 
 STAGES = ("seqd", "rcd")
 
@@ -34,13 +39,16 @@ class DiffusionArguments:
     """What the objective needs beyond TrainingArguments.
 
     stage: "seqd" (masked-diffusion SFT) or "rcd" (residuals from `residual_source`).
-    residual_source: "same", "previous-step" or "self" (see `rcd_ext.training.objective`).
+    residual_source: "same", "previous-step", "self" or "dirichlet" (see
+        `rcd_ext.training.objective`).
+    dirichlet_concentration: c of the Dirichlet(c 1_V) residuals of source "dirichlet".
     no_residual_fraction: share of rows trained with plain [M] inputs in stage "rcd".
     eps: t ~ U(eps, 1).
     """
 
     stage: str = "seqd"
     residual_source: str = "previous-step"
+    dirichlet_concentration: float = 1.0
     no_residual_fraction: float = 0.1
     eps: float = 1e-3
 
@@ -50,6 +58,9 @@ class DiffusionArguments:
         if self.residual_source not in RESIDUAL_SOURCES:
             raise ValueError(f"residual_source must be one of {RESIDUAL_SOURCES}, "
                              f"got {self.residual_source!r}")
+        if not self.dirichlet_concentration > 0:
+            raise ValueError(f"dirichlet_concentration must be > 0, "
+                             f"got {self.dirichlet_concentration}")
         if not 0.0 <= self.no_residual_fraction <= 1.0:
             raise ValueError(f"no_residual_fraction must be in [0, 1], "
                              f"got {self.no_residual_fraction}")
@@ -93,7 +104,7 @@ class DiffusionTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.diffusion = diffusion or DiffusionArguments()
         needs_reference = (self.diffusion.stage == "rcd"
-                           and self.diffusion.residual_source != "self")
+                           and self.diffusion.residual_source in REFERENCE_SOURCES)
         if needs_reference and reference is None:
             raise ValueError(f"stage rcd with residual source "
                              f"{self.diffusion.residual_source!r} needs a reference model")
@@ -153,7 +164,8 @@ class DiffusionTrainer(Trainer):
                            no_residual_fraction=self.diffusion.no_residual_fraction)
         loss = diffusion_loss(model, batch, noise, mask_id=self.mask_id,
                               stage=self.diffusion.stage, reference=self.reference,
-                              residual_source=self.diffusion.residual_source)
+                              residual_source=self.diffusion.residual_source,
+                              dirichlet_concentration=self.diffusion.dirichlet_concentration)
         if model.training:
             self._tokens_seen += int(inputs["attention_mask"].sum())
         return (loss, None) if return_outputs else loss

@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
+from test_training import FAST, TASK, hand_loss, task_batch, tiny_pair
 
 from rcd_ext.cli import main
 from rcd_ext.residual import dirichlet_logits
 from rcd_ext.training import DiffusionArguments, diffusion_loss, draw_noise, train
 from rcd_ext.training.objective import injected_residual
-from test_training import FAST, TASK, hand_loss, task_batch, tiny_pair
 
 
 @pytest.mark.parametrize("concentration", [1.0, 0.3])

@@ -27,7 +27,8 @@ from typing import Any
 __all__ = [
     "CACHE_MODES", "CLI", "PYTHON", "REFERENCE_SOURCES", "RESIDUAL_SOURCES", "Bounds",
     "DecodingConfig", "LazyChoices", "OptionError", "ResidualConfig", "Spelling",
-    "add_arguments", "check_lengths", "field_type", "option", "option_names", "split_flat",
+    "add_arguments", "check_lengths", "field_type", "needs_reference_model", "option",
+    "option_names", "split_flat",
 ]
 
 CACHE_MODES = ("none", "prefix", "dual")
@@ -35,6 +36,11 @@ CACHE_MODES = ("none", "prefix", "dual")
 # the first two read the frozen reference model
 RESIDUAL_SOURCES = ("same", "previous-step", "self", "dirichlet")
 REFERENCE_SOURCES = ("same", "previous-step")
+
+
+def needs_reference_model(stage: str, residual_source: str) -> bool:
+    """Whether training `stage` with `residual_source` reads the frozen reference model."""
+    return stage == "rcd" and residual_source in REFERENCE_SOURCES
 
 
 class LazyChoices(Sequence[str]):
@@ -167,16 +173,20 @@ def check_lengths(gen_length: int, block_length: int, steps: int | None,
 def check_fields(config: Any) -> None:
     """OptionError for a field outside its choices or bounds (None passes: "not set")."""
     for spec in fields(config):
-        value = getattr(config, spec.name)
-        choices, bounds = spec.metadata.get("choices"), spec.metadata.get("bounds")
-        if value is None:
-            continue
-        if choices is not None and value not in choices:
-            raise OptionError(spec.name, f"{spec.name} must be one of {tuple(choices)}, "
-                                         f"got {value!r}")
-        if bounds is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                   or not bounds.contains(value)):
-            raise OptionError(spec.name, f"{spec.name} must be {bounds.text}, got {value!r}")
+        check_field(spec, getattr(config, spec.name))
+
+
+def check_field(spec: Field, value: Any) -> None:
+    """OptionError if `value` is outside the field's choices or bounds (None passes)."""
+    choices, bounds = spec.metadata.get("choices"), spec.metadata.get("bounds")
+    if value is None:
+        return
+    if choices is not None and value not in choices:
+        raise OptionError(spec.name, f"{spec.name} must be one of {tuple(choices)}, "
+                                     f"got {value!r}")
+    if bounds is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                               or not bounds.contains(value)):
+        raise OptionError(spec.name, f"{spec.name} must be {bounds.text}, got {value!r}")
 
 
 def _strategies() -> Sequence[str]:
@@ -238,10 +248,9 @@ class ResidualConfig:
         from rcd_ext.op_checks import check_t_res
         from rcd_ext.ops import check_residual_top_k
 
+        specs = fields_by_name(ResidualConfig)
         for name in ("init", "strategy", "scope"):
-            choices = tuple(fields_by_name(ResidualConfig)[name].metadata["choices"])
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+            check_field(specs[name], getattr(self, name))
         check_t_res(self.t_res)
         if not 0.0 <= self.alpha_scale <= 1.0:
             raise ValueError(f"alpha_scale must be in [0, 1], got {self.alpha_scale!r}")

@@ -36,7 +36,7 @@ from rcd_ext.commands._usage import (
     positive_float,
     positive_int,
 )
-from rcd_ext.options import REFERENCE_SOURCES, RESIDUAL_SOURCES
+from rcd_ext.options import RESIDUAL_SOURCES, needs_reference_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -150,8 +150,7 @@ def check_scheduler(name: str) -> None:
 
 def check_arguments(args: argparse.Namespace) -> tuple[str, str | None]:
     """Every check that needs no model: (model source or 'tiny', reference source or None)."""
-    needs_reference = args.stage == "rcd" and args.residual_source in REFERENCE_SOURCES
-    if needs_reference and not args.reference:
+    if needs_reference_model(args.stage, args.residual_source) and not args.reference:
         raise UsageError(f"--stage rcd --residual-source {args.residual_source} needs "
                          "--reference (give the stage-1 checkpoint, or --residual-source self "
                          "or dirichlet)")

@@ -101,14 +101,7 @@ def unknown_words(tokenizer: Any, texts: Iterable[str]) -> list[str]:
     Works for any tokenizer with ``unk_token_id``: fast tokenizers map each unknown token back
     to its text through offsets; others are asked word by word (whitespace split).
     """
-    unk_id = getattr(tokenizer, "unk_token_id", None)
-    if unk_id is None:
-        return []
-    found: dict[str, None] = {}  # an ordered set
-    for text in texts:
-        for piece in _unknown_pieces(tokenizer, text, unk_id):
-            found.setdefault(piece, None)
-    return list(found)
+    return list(count_unknown_tokens(tokenizer, texts))  # a Counter keeps first-seen order
 
 
 def _unknown_pieces(tokenizer: Any, text: str, unk_id: int) -> list[str]:

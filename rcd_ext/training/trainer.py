@@ -18,18 +18,14 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from rcd_ext.atomic_files import write_json_atomic
+from rcd_ext.options import needs_reference_model
 from rcd_ext.training.checkpoint_integrity import (
     COMPLETE_MARKER,
     resolve_resume,
     write_complete_marker,
 )
 from rcd_ext.training.data import DiffusionCollator, load_training_data, parse_task_spec
-from rcd_ext.training.objective import (
-    REFERENCE_SOURCES,
-    RESIDUAL_SOURCES,
-    diffusion_loss,
-    draw_noise,
-)
+from rcd_ext.training.objective import RESIDUAL_SOURCES, diffusion_loss, draw_noise
 
 STAGES = ("seqd", "rcd")
 
@@ -103,9 +99,8 @@ class DiffusionTrainer(Trainer):
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.diffusion = diffusion or DiffusionArguments()
-        needs_reference = (self.diffusion.stage == "rcd"
-                           and self.diffusion.residual_source in REFERENCE_SOURCES)
-        if needs_reference and reference is None:
+        if (needs_reference_model(self.diffusion.stage, self.diffusion.residual_source)
+                and reference is None):
             raise ValueError(f"stage rcd with residual source "
                              f"{self.diffusion.residual_source!r} needs a reference model")
         tokenizer = self.processing_class

@@ -25,17 +25,23 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 __all__ = [
-    "CACHE_MODES", "CLI", "PYTHON", "REFERENCE_SOURCES", "RESIDUAL_SOURCES", "Bounds",
-    "DecodingConfig", "LazyChoices", "OptionError", "ResidualConfig", "Spelling",
-    "add_arguments", "check_lengths", "field_type", "needs_reference_model", "option",
-    "option_names", "split_flat",
+    "CACHE_MODES", "CLI", "PYTHON", "REFERENCE_SOURCES", "RESIDUAL_SOURCES", "STAGES",
+    "UNROLL_COMMITS", "UNROLL_INITS", "Bounds", "DecodingConfig", "DiffusionArguments",
+    "LazyChoices", "OptionError", "ResidualConfig", "Spelling", "add_arguments",
+    "check_lengths", "field_type", "needs_reference_model", "option", "option_names",
+    "split_flat",
 ]
 
 CACHE_MODES = ("none", "prefix", "dual")
 # stage-2 training: where a masked position's residual comes from (rcd_ext.training.objective);
 # the first two read the frozen reference model
-RESIDUAL_SOURCES = ("same", "previous-step", "self", "dirichlet")
+RESIDUAL_SOURCES = ("same", "previous-step", "self", "dirichlet", "unroll")
 REFERENCE_SOURCES = ("same", "previous-step")
+STAGES = ("seqd", "rcd")
+# what the first step of source "unroll"'s decoding loop is given (as inference's `init`)
+UNROLL_INITS = ("cold", "dirichlet")
+# what source "unroll" commits: the target's own tokens, or the true ones at its chosen positions
+UNROLL_COMMITS = ("truth", "model")
 
 
 def needs_reference_model(stage: str, residual_source: str) -> bool:
@@ -260,6 +266,46 @@ class ResidualConfig:
             )
         if self.residual_top_k is not None:
             check_residual_top_k(self.residual_top_k)
+
+
+@dataclass
+class DiffusionArguments:
+    """What the training objective needs beyond `TrainingArguments` (`rcd train`'s flags are
+    generated from these fields; `rcd_ext.training.objective` says what each source does)."""
+
+    stage: str = option("seqd", "seqd: masked-diffusion SFT (the reference, or the SeqD "
+                                "baseline); rcd: residuals from --residual-source",
+                        choices=STAGES)
+    residual_source: str = option(
+        "previous-step", "stage rcd: the residual's source: the reference on the same or a "
+        "more-masked input, the target itself, Dirichlet(c) draws, or the target's own decoding "
+        "loop unrolled from the noisy input (the last three need no reference)",
+        choices=RESIDUAL_SOURCES)
+    dirichlet_concentration: float = option(
+        1.0, "c of the Dirichlet(c 1_V) residuals of source dirichlet and of unroll-init "
+        "dirichlet", bounds=POSITIVE)
+    no_residual_fraction: float = option(0.1, "share of rows trained with plain [M] inputs "
+                                              "(stage rcd)", bounds=UNIT)
+    eps: float = option(1e-3, "t ~ U(eps, 1)", bounds=Bounds(low=0, high=1, low_open=True,
+                                                                high_open=True))
+    unroll_steps: int = option(4, "source unroll: the loop runs k ~ U{0..K} steps before the "
+                                  "training step (K; k no-grad forwards)", bounds=AT_LEAST_ONE)
+    unroll_fraction: float = option(1.0, "source unroll: share of training steps that draw k "
+                                         "(the others train the loop's first step: k = 0, no "
+                                         "extra forward)", bounds=UNIT)
+    unroll_init: str = option("dirichlet", "source unroll: the first step's residual, as "
+                                           "inference's --init (cold: plain [M])",
+                              choices=UNROLL_INITS)
+    unroll_commits: str = option("truth", "source unroll: the loop commits the true tokens at "
+                                          "the positions the target chose (truth), or the "
+                                          "target's own tokens, as inference does (model)",
+                                 choices=UNROLL_COMMITS)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if isinstance(self.unroll_steps, bool) or not isinstance(self.unroll_steps, int):
+            raise OptionError("unroll_steps", f"unroll_steps must be an int >= 1, "
+                                              f"got {self.unroll_steps!r}")
 
 
 @dataclass(frozen=True)

@@ -273,7 +273,7 @@ def test_generate_with_an_unreachable_hub_is_one_line(monkeypatch, capsys, no_he
 
 DEMO_CASES = [
     (["--task", "bogus"], "--task bogus: unknown task 'bogus' (use one of: branching_walk, "
-                          "coupled_choices, pointer_chasing)"),
+                          "coupled_choices, pointer_chasing, switching_chase)"),
     (["--test-size", "0"], "argument --test-size: expected an integer >= 1, got 0"),
     (["--steps", "1", "0"], "argument --steps: expected an integer >= 1, got 0"),
     (["--steps", "-2"], "argument --steps: expected an integer >= 1, got -2"),
@@ -333,7 +333,7 @@ TRAIN_CASES = [
     (["--logging-steps", "0"], "argument --logging-steps"),
     (["--no-residual-fraction", "1.5"], "argument --no-residual-fraction: expected a number in "
                                         "[0, 1], got 1.5"),
-    (["--eps", "1"], "--eps 1.0: t is drawn from U(eps, 1), so eps must be < 1"),
+    (["--eps", "1"], "argument --eps: expected a number in (0, 1), got 1"),
     (["--hidden-size", "30", "--heads", "4"], "--hidden-size 30 is not a multiple of --heads 4"),
     (["--heads", "0"], "argument --heads: expected an integer >= 1, got 0"),
     (["--lr-scheduler", "bogus"], "--lr-scheduler bogus: unknown schedule (use one of linear,"),

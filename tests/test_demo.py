@@ -210,3 +210,25 @@ def test_plot_failing_half_way_keeps_the_previous_png(tmp_path, monkeypatch):
     assert (out / "demo.png").read_bytes() == b"previous png"
     assert sorted(p.name for p in out.iterdir()) == ["demo.png", "results.json"]
     check_document(json.loads((out / "results.json").read_text()), 8)
+
+
+@shipped_only
+def test_decode_record_with_a_dirichlet_init_is_seeded_and_names_the_options_it_varied():
+    from rcd_ext.demo.evaluate import decode_record
+    from rcd_ext.models.adapters import load_model
+    from rcd_ext.tasks import get_task
+
+    model, _ = load_model(str(checkpoints.SHIPPED / "rcd"))
+    model.eval()
+    task = get_task("coupled_choices")
+    test = task.test_set(64, seed=0)
+    first, again, other = (decode_record(model, task, test, method="rcd", init="dirichlet",
+                                         steps=2, seed=seed, t_res=0.5) for seed in (0, 0, 1))
+    assert first == again and first["init"] == "dirichlet" and first["t_res"] == 0.5
+    assert first["forwards"] == 2.0  # Dirichlet draws cost no forward
+    cold = decode_record(model, task, test, method="rcd", init="cold", steps=2)
+    assert "t_res" not in cold
+    # the draws reach the decode: two seeds (or no draws at all) give other answers somewhere
+    assert {first["accuracy"], other["accuracy"], cold["accuracy"]} != {first["accuracy"]}
+    with pytest.raises(ValueError, match="rcd needs init one of"):
+        decode_record(model, task, test, method="rcd", init="reference", steps=2)

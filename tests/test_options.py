@@ -203,3 +203,21 @@ def test_serving_config_checks_t_res_by_the_ops_rule_and_builds_a_residual_confi
         RCDServingConfig.from_mapping({"t_res": 1e-39})
     config = RCDServingConfig.from_mapping({"t_res": 0.5, "init": "dirichlet"})
     assert config.residual() == ResidualConfig(t_res=0.5, init="dirichlet")
+
+
+def test_rcd_train_objective_flags_are_the_diffusion_arguments_fields():
+    from rcd_ext.commands import train as train_command
+
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    parser = train_command.add_parser(subparsers)
+    group = next(g for g in parser._action_groups if g.title.startswith("objective"))
+    flags = {flag for action in group._group_actions for flag in action.option_strings}
+    names = option_names(options.DiffusionArguments)
+    assert flags == {"--" + name.replace("_", "-") for name in names}
+    args = parser.parse_args(["--stage", "rcd", "--data", "task:pointer_chasing",
+                              "--output-dir", "o", "--residual-source", "unroll",
+                              "--unroll-steps", "6", "--unroll-fraction", "0.5"])
+    built = options.DiffusionArguments(**options.values_of(args, options.DiffusionArguments))
+    assert (built.residual_source, built.unroll_steps, built.unroll_fraction) == (
+        "unroll", 6, 0.5)
+    assert built.unroll_init == options.DiffusionArguments().unroll_init  # the one default

@@ -15,6 +15,7 @@ from rcd_ext.tasks import (  # noqa: E402
     BranchingWalk,
     CoupledChoices,
     PointerChasing,
+    SwitchingChase,
     Task,
     get_task,
     task_names,
@@ -28,6 +29,8 @@ TASK_SETTINGS = [
     ("coupled_choices", {"num_symbols": 5, "num_rows": 3, "length": 5}),
     ("coupled_choices", {"alphabet": "shared"}),
     ("branching_walk", {"num_symbols": 6, "out_degree": 3, "walk_length": 4}),
+    ("switching_chase", {}),
+    ("switching_chase", {"num_symbols": 4, "hops": 5}),
 ]
 
 
@@ -76,7 +79,8 @@ def row_paths_text(prompt: str, rows: int, length: int) -> set[tuple[str, ...]]:
 
 # --- registry -------------------------------------------------------------------------------
 def test_registry() -> None:
-    assert {"pointer_chasing", "branching_walk", "coupled_choices"} <= set(task_names())
+    assert {"pointer_chasing", "branching_walk", "coupled_choices",
+            "switching_chase"} <= set(task_names())
     assert isinstance(get_task("pointer_chasing", hops=3), PointerChasing)
     assert get_task("branching_walk", walk_length=4).answer_length == 4
     with pytest.raises(ValueError, match="unknown task"):
@@ -159,6 +163,50 @@ def test_pointer_chasing_answers_follow_the_permutation() -> None:
         prompt_text = task.prompt_text(prompt)
         assert sorted(prompt_text.split()[:-1]) == task.symbols  # f is a permutation
         assert task.answer_text(answer).split() == chase_text(prompt_text, 5)
+
+
+def switching_walk_text(prompt_text: str, num_symbols: int, hops: int) -> list[str]:
+    """The walk read off the prompt's text, one word at a time."""
+    words = prompt_text.split()
+    f, g = words[:num_symbols], words[num_symbols:2 * num_symbols]
+    current, walk = words[2 * num_symbols], []
+    for switch in words[2 * num_symbols + 1:]:
+        current = (g if switch == "1" else f)[int(current)]
+        walk.append(current)
+    assert len(walk) == hops
+    return walk
+
+
+def test_switching_chase_answers_follow_the_switched_tables() -> None:
+    task = SwitchingChase()
+    assert (task.prompt_length, task.answer_length) == (33, 16)
+    used = set()
+    for prompt, answer in task.test_set(100, seed=3):
+        text = task.prompt_text(prompt)
+        words = text.split()
+        assert sorted(words[:8]) == task.symbols and sorted(words[8:16]) == task.symbols
+        assert set(words[17:]) <= {"0", "1"}
+        used |= set(words[17:])
+        assert task.answer_text(answer).split() == switching_walk_text(text, 8, 16)
+    assert used == {"0", "1"}  # both tables are used
+
+
+def test_switching_chase_rejects_an_answer_that_follows_one_table_only() -> None:
+    task = SwitchingChase(hops=6)
+    prompts, answers = task.sample_train(128, generator(5))
+    index = task.to_index(prompts)
+    f, start = index[:, :8], index[:, 16]
+    only_f, current = [], start
+    for _ in range(6):
+        current = f.gather(1, current[:, None]).squeeze(1)
+        only_f.append(current)
+    only_f = task.to_ids(torch.stack(only_f, 1))
+    switched = (index[:, 17:] == 1).any(1)
+    assert bool(switched.any())
+    right = task.is_correct(prompts, only_f)
+    assert bool(right[~switched].all())  # no switch picks g: the f-walk is the answer
+    assert not bool(right[switched].all())  # otherwise it is wrong (unless g agrees with f)
+    assert task.score(answers, prompts) == 1.0
 
 
 def test_pointer_chasing_rejects_wrong_answers() -> None:

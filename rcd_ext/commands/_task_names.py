@@ -10,7 +10,8 @@ from rcd_ext.commands._usage import UsageError
 
 __all__ = ["TASK_NAMES", "check_task_name"]
 
-TASK_NAMES: tuple[str, ...] = ("branching_walk", "coupled_choices", "pointer_chasing")
+TASK_NAMES: tuple[str, ...] = ("branching_walk", "coupled_choices", "pointer_chasing",
+                               "switching_chase")
 
 
 def check_task_name(option: str, shown: str, name: str) -> None:

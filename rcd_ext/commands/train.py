@@ -30,13 +30,12 @@ from rcd_ext.commands._usage import (
     UsageError,
     check_input_file,
     check_output_dir,
-    fraction,
     nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
 )
-from rcd_ext.options import RESIDUAL_SOURCES, needs_reference_model
+from rcd_ext.options import DiffusionArguments, add_arguments, needs_reference_model, values_of
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -45,7 +44,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "train", help="train a SeqD reference (stage seqd) or an RCD target (stage rcd)",
         description="Two-stage RCD training (Algorithm 1) on transformers.Trainer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--stage", choices=("seqd", "rcd"), required=True)
     parser.add_argument("--model", default=None,
                         help="checkpoint to train; 'tiny' builds a fresh built-in tiny dLLM for "
                              "task:NAME or a .jsonl file (default for stage rcd: the reference)")
@@ -54,18 +52,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--data", required=True,
                         help="a .jsonl file, a saved HF dataset directory, or task:NAME[:k=v,..]")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--residual-source", choices=RESIDUAL_SOURCES, default="previous-step",
-                        help="stage rcd: the residual's source: the reference on the same or a "
-                             "more-masked input, the target itself, or Dirichlet(c) draws (no "
-                             "reference)")
-    parser.add_argument("--dirichlet-concentration", type=positive_float, default=1.0,
-                        help="c of --residual-source dirichlet")
-    parser.add_argument("--no-residual-fraction", type=fraction, default=0.1,
-                        help="share of rows trained with plain [M] inputs (stage rcd)")
-    parser.add_argument("--eps", type=positive_float, default=1e-3, help="t ~ U(eps, 1)")
     parser.add_argument("--no-eos", action="store_true",
                         help="do not append EOS to JSONL/dataset responses")
     parser.add_argument("--trust-remote-code", action="store_true")
+    objective = parser.add_argument_group("objective (DiffusionArguments)")
+    add_arguments(objective, DiffusionArguments, overrides={"stage": {"required": True}})
     tiny = parser.add_argument_group("fresh tiny model (--model tiny)")
     tiny.add_argument("--hidden-size", type=positive_int, default=64)
     tiny.add_argument("--layers", type=positive_int, default=2)
@@ -130,9 +121,6 @@ def check_data(spec: str) -> None:
 
 def check_numbers(args: argparse.Namespace) -> None:
     """UsageError for numbers argparse cannot judge one at a time."""
-    if not args.eps < 1.0:
-        raise UsageError(f"--eps {args.eps}: t is drawn from U(eps, 1), so eps must be < 1 "
-                         "(the default is 1e-3)")
     if args.model == "tiny" and args.hidden_size % args.heads:
         raise UsageError(f"--hidden-size {args.hidden_size} is not a multiple of --heads "
                          f"{args.heads} (choose sizes that divide)")
@@ -152,8 +140,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, str | None]:
     """Every check that needs no model: (model source or 'tiny', reference source or None)."""
     if needs_reference_model(args.stage, args.residual_source) and not args.reference:
         raise UsageError(f"--stage rcd --residual-source {args.residual_source} needs "
-                         "--reference (give the stage-1 checkpoint, or --residual-source self "
-                         "or dirichlet)")
+                         "--reference (give the stage-1 checkpoint, or --residual-source self, "
+                         "dirichlet or unroll)")
     model = args.model or (args.reference if args.stage == "rcd" else None)
     if model is None:
         raise UsageError("--model is required (a checkpoint, or 'tiny' with --data task:NAME "
@@ -232,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     rows, test_rows = check_data_rows(args)
     import torch
 
-    from rcd_ext.training import DiffusionArguments, build_tiny_model
+    from rcd_ext.training import build_tiny_model
     from rcd_ext.training.trainer import load_trainable
 
     threads = args.threads or idle_cores()
@@ -240,9 +228,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.threads:
         print(f"training with {threads} thread{'s' if threads > 1 else ''} (the idle cores; "
               "--threads sets it)")
-    diffusion = DiffusionArguments(stage=args.stage, residual_source=args.residual_source,
-                                   dirichlet_concentration=args.dirichlet_concentration,
-                                   no_residual_fraction=args.no_residual_fraction, eps=args.eps)
+    diffusion = DiffusionArguments(**values_of(args, DiffusionArguments))
     if model_source == "tiny" and rows is not None:
         model, tokenizer = tiny_for_rows(args, rows, test_rows)
     elif model_source == "tiny":

@@ -16,18 +16,23 @@ from rcd_ext.decoding import generate
 from rcd_ext.demo.data_task import JsonlTestSet, merge_records
 from rcd_ext.tasks import Task
 
+# RCD's first residual: the reference's forward (warm), none (cold), or Dirichlet draws
+INITS = ("warm", "cold", "dirichlet")
+
 
 def decode_record(model: nn.Module, task: Task, test: list[tuple[torch.Tensor, torch.Tensor]], *,
                   method: str, init: str | None = None, steps: int | None = None,
-                  threshold: float | None = None, reference: nn.Module | None = None
-                  ) -> dict[str, Any]:
+                  threshold: float | None = None, reference: nn.Module | None = None,
+                  seed: int = 0, **residual: Any) -> dict[str, Any]:
     """Accuracy and cost of one decoding setting on `test` (list of (prompt [P], answer [A])).
 
     Args:
         method: "seqd" (residuals off) or "rcd".
-        init: for "rcd", "warm" (one reference forward gives the first residual) or "cold".
+        init: for "rcd", "warm" (one reference forward gives the first residual), "cold" or
+            "dirichlet" (Dirichlet draws seeded by `seed`).
         steps: denoising steps for the answer (fixed policy); None with `threshold`.
         threshold: confidence threshold (at least one token per step); None for fixed.
+        **residual: further `ResidualConfig` options for "rcd" (t_res=..., strategy=...).
 
     Returns the record {"method", "init", "steps", "threshold", "tokens_per_step",
     "forwards" (mean forward passes per problem, the reference's included), "accuracy", "n"},
@@ -35,8 +40,8 @@ def decode_record(model: nn.Module, task: Task, test: list[tuple[torch.Tensor, t
     """
     if (steps is None) == (threshold is None):
         raise ValueError("give exactly one of steps (fixed policy) and threshold")
-    if method == "rcd" and init not in ("warm", "cold"):
-        raise ValueError(f"rcd needs init 'warm' or 'cold', got {init!r}")
+    if method == "rcd" and init not in INITS:
+        raise ValueError(f"rcd needs init one of {INITS}, got {init!r}")
     if method == "rcd" and init == "warm" and reference is None:
         raise ValueError("init 'warm' needs the reference model")
     prompts = torch.stack([prompt for prompt, _ in test])
@@ -46,8 +51,9 @@ def decode_record(model: nn.Module, task: Task, test: list[tuple[torch.Tensor, t
                    remasking="fixed" if threshold is None else "threshold",
                    threshold=threshold, rcd=method == "rcd",
                    ref_model=reference if init == "warm" else None,
-                   init="reference" if init == "warm" else "cold",
-                   stop_at_eos=False, trace=threshold is not None)
+                   init="reference" if init == "warm" else (init or "cold"),
+                   stop_at_eos=False, trace=threshold is not None, seed=seed,
+                   **(residual if method == "rcd" else {}))
     rows = len(test)
     if threshold is None:
         row_steps = float(out.stats.denoising_steps)
@@ -67,6 +73,8 @@ def decode_record(model: nn.Module, task: Task, test: list[tuple[torch.Tensor, t
         "accuracy": task.score(out.tokens, prompts),
         "n": rows,
     }
+    if method == "rcd":
+        record.update(residual)  # the options a sweep varied, e.g. "t_res"
     if hasattr(task, "token_accuracy"):
         record["token_accuracy"] = task.token_accuracy(out.tokens)
     return record

@@ -12,7 +12,10 @@ residual (1 - alpha) E[M] + alpha * softmax(z) E, with z the logits of a *source
   denoising step that inference feeds back;
 - `self`: a no-grad forward of the target itself on that more-masked copy;
 - `dirichlet`: no forward, logits log p0 with p0 ~ Dirichlet(c 1_V) drawn per position (the
-  paper's v2 first residual, which needs no reference model; inference's `init="dirichlet"`).
+  paper's v2 first residual, which needs no reference model; inference's `init="dirichlet"`);
+- `unroll`: the target's own decoding loop (no grad) runs k steps from the noisy input, as
+  inference does, and the training step is its next step, on its state and residual (on-policy;
+  `rcd_ext.training.unroll`).
 alpha is the normalised entropy of softmax(z) (t_res = 1), E the *target's* input embedding
 table. Rows drawn into `no_residual_fraction` keep plain [M] inputs, so a cold start stays in
 distribution. The residual is an input: no gradient flows through it or the source forward.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,7 @@ from torch import nn
 from rcd_ext.ops import residual_context
 from rcd_ext.options import REFERENCE_SOURCES, RESIDUAL_SOURCES
 from rcd_ext.residual import dirichlet_logits
+from rcd_ext.training.unroll import as_noise_fields, draw_unroll_steps, unroll
 
 __all__ = ["REFERENCE_SOURCES", "RESIDUAL_SOURCES", "Noise", "diffusion_loss", "draw_noise",
            "injected_residual", "masked_diffusion_loss", "model_logits"]
@@ -152,7 +156,9 @@ def model_logits(model: nn.Module, input_ids: torch.Tensor,
 def diffusion_loss(model: nn.Module, batch: dict[str, torch.Tensor], noise: Noise, *,
                    mask_id: int, stage: str = "seqd", reference: nn.Module | None = None,
                    residual_source: str = "previous-step",
-                   dirichlet_concentration: float = 1.0) -> torch.Tensor:
+                   dirichlet_concentration: float = 1.0, unroll_steps: int = 4,
+                   unroll_fraction: float = 1.0, unroll_init: str = "dirichlet",
+                   unroll_commits: str = "truth") -> torch.Tensor:
     """The loss of one batch for stage "seqd" or "rcd" (see the module docstring).
 
     Args:
@@ -163,6 +169,8 @@ def diffusion_loss(model: nn.Module, batch: dict[str, torch.Tensor], noise: Nois
         reference: frozen reference (stage "rcd" with source "same"/"previous-step").
         dirichlet_concentration: c of source "dirichlet" (drawn from the global RNG, which
             `transformers.Trainer` checkpoints, so a resumed run draws the same residuals).
+        unroll_steps, unroll_fraction, unroll_init, unroll_commits: source "unroll"
+            (`DiffusionArguments`).
     Returns a scalar.
     """
     input_ids, response_mask = batch["input_ids"], batch["response_mask"].bool()
@@ -176,6 +184,12 @@ def diffusion_loss(model: nn.Module, batch: dict[str, torch.Tensor], noise: Nois
     if residual_source not in RESIDUAL_SOURCES:
         raise ValueError(f"residual_source must be one of {RESIDUAL_SOURCES}, "
                          f"got {residual_source!r}")
+    if residual_source == "unroll":
+        return _unrolled_loss(model, input_ids, noisy, noise, response_mask, attention_mask,
+                              mask_id=mask_id, steps=draw_unroll_steps(unroll_steps,
+                                                                       unroll_fraction),
+                              init=unroll_init, concentration=dirichlet_concentration,
+                              truth=input_ids if unroll_commits == "truth" else None)
     positions = noise.masked & noise.residual[:, None]
     if residual_source == "dirichlet":
         count = int(positions.sum())
@@ -203,3 +217,21 @@ def _source_forward_logits(noisy: torch.Tensor, noise: Noise, mask_id: int,
         source_input = noisy.masked_fill(noise.extra, mask_id)
     with torch.no_grad():
         return model_logits(source, source_input, attention_mask)
+
+
+def _unrolled_loss(model: nn.Module, input_ids: torch.Tensor, noisy: torch.Tensor, noise: Noise,
+                   response_mask: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                   mask_id: int, steps: int, init: str, concentration: float,
+                   truth: torch.Tensor | None) -> torch.Tensor:
+    """Source "unroll": k steps of the target's own loop, then the training step on its state."""
+    state = unroll(model, noisy, noise.masked, noise.residual, response_mask, steps,
+                   mask_id=mask_id, init=init, concentration=concentration,
+                   attention_mask=attention_mask, truth=truth, forward=model_logits,
+                   inject=injected_residual)
+    if state.residual_logits is None:
+        logits = model_logits(model, state.input_ids, attention_mask)
+    else:
+        with injected_residual(model, state.positions, state.residual_logits, mask_id):
+            logits = model_logits(model, state.input_ids, attention_mask)
+    scored = replace(noise, **as_noise_fields(state, noise.t, noise.residual))
+    return masked_diffusion_loss(logits, input_ids, scored, response_mask)

@@ -9,7 +9,7 @@ together; `rcd train` is its command line.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,50 +18,14 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from rcd_ext.atomic_files import write_json_atomic
-from rcd_ext.options import needs_reference_model
+from rcd_ext.options import DiffusionArguments, needs_reference_model
 from rcd_ext.training.checkpoint_integrity import (
     COMPLETE_MARKER,
     resolve_resume,
     write_complete_marker,
 )
 from rcd_ext.training.data import DiffusionCollator, load_training_data, parse_task_spec
-from rcd_ext.training.objective import RESIDUAL_SOURCES, diffusion_loss, draw_noise
-
-STAGES = ("seqd", "rcd")
-
-
-@dataclass
-class DiffusionArguments:
-    """What the objective needs beyond TrainingArguments.
-
-    stage: "seqd" (masked-diffusion SFT) or "rcd" (residuals from `residual_source`).
-    residual_source: "same", "previous-step", "self" or "dirichlet" (see
-        `rcd_ext.training.objective`).
-    dirichlet_concentration: c of the Dirichlet(c 1_V) residuals of source "dirichlet".
-    no_residual_fraction: share of rows trained with plain [M] inputs in stage "rcd".
-    eps: t ~ U(eps, 1).
-    """
-
-    stage: str = "seqd"
-    residual_source: str = "previous-step"
-    dirichlet_concentration: float = 1.0
-    no_residual_fraction: float = 0.1
-    eps: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.residual_source not in RESIDUAL_SOURCES:
-            raise ValueError(f"residual_source must be one of {RESIDUAL_SOURCES}, "
-                             f"got {self.residual_source!r}")
-        if not self.dirichlet_concentration > 0:
-            raise ValueError(f"dirichlet_concentration must be > 0, "
-                             f"got {self.dirichlet_concentration}")
-        if not 0.0 <= self.no_residual_fraction <= 1.0:
-            raise ValueError(f"no_residual_fraction must be in [0, 1], "
-                             f"got {self.no_residual_fraction}")
-        if not 0.0 < self.eps < 1.0:
-            raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+from rcd_ext.training.objective import diffusion_loss, draw_noise
 
 
 def mask_token_id(model: nn.Module, tokenizer: Any = None) -> int:
@@ -160,7 +124,11 @@ class DiffusionTrainer(Trainer):
         loss = diffusion_loss(model, batch, noise, mask_id=self.mask_id,
                               stage=self.diffusion.stage, reference=self.reference,
                               residual_source=self.diffusion.residual_source,
-                              dirichlet_concentration=self.diffusion.dirichlet_concentration)
+                              dirichlet_concentration=self.diffusion.dirichlet_concentration,
+                              unroll_steps=self.diffusion.unroll_steps,
+                              unroll_fraction=self.diffusion.unroll_fraction,
+                              unroll_init=self.diffusion.unroll_init,
+                              unroll_commits=self.diffusion.unroll_commits)
         if model.training:
             self._tokens_seen += int(inputs["attention_mask"].sum())
         return (loss, None) if return_outputs else loss

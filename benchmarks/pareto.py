@@ -1,17 +1,21 @@
-"""SeqD vs RCD at equal training budget: tasks x residual sources x init x seeds.
+"""SeqD vs RCD at equal training budget: tasks x stage-2 recipes x decoding starts x seeds.
 
 Per (task, seed): stage 1 trains a fresh tiny dLLM with SeqD for --stage1 steps (the frozen
 reference). Stage 2 starts every variant from those weights for --stage2 steps: SeqD continued
-(the equal-budget baseline) and RCD with each residual source. Every model decodes the same
-held-out problems at each step budget and threshold (RCD warm and cold).
+(the equal-step baseline), SeqD for more steps (`seqd-long`: the forward budget of
+`rcd-unroll`, its unrolled forwards counted), and RCD with each residual source. Every model
+decodes the same held-out problems at 1, 2, L/4, L/2 and L steps and at each threshold; RCD
+models from a warm (reference), cold and Dirichlet start.
 
-    python benchmarks/pareto.py                        # both tasks, 3 seeds (~30 min, 2 cores)
+    python benchmarks/pareto.py                       # 3 tasks x 5 seeds (~2.5 h on 2 cores)
     python benchmarks/pareto.py --tasks coupled_choices --seeds 0 --stage1 200 --stage2 100
-    python benchmarks/pareto.py --plot-only            # redraw from the JSON
-    python benchmarks/pareto.py --plot-only --merge cpu_pointer_chasing cpu_coupled_choices
+    python benchmarks/pareto.py --tasks pointer_chasing --hidden-size 128 --layers 4 \
+        --variants seqd rcd-previous-step rcd-unroll          # the model-size step
+    python benchmarks/pareto.py --plot-only --merge TAG1 TAG2 --tag NAME   # join runs
 
-Writes benchmarks/results/pareto_<tag>.json (config + one record per setting, the demo's
-schema plus task, seed, variant) after every (task, seed), and pareto_<tag>.png.
+Writes benchmarks/results/pareto_<tag>.json (config + one record per setting: the demo's
+schema plus task, seed, variant and the stage-2 budget) after every (task, seed), and
+pareto_<tag>.png; prints the mean table, the paired tables, the issue's goals and the budgets.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 
 import torch
 
-from rcd_ext.atomic_files import save_figure_atomic, write_json_atomic
+from rcd_ext.atomic_files import save_figure_atomic, write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).parent / "results"
 TRAIN_STEP_COST = 3  # forward-equivalents of one training step (forward + backward)
@@ -277,11 +281,13 @@ def goal_lines(records: list[dict], baseline: str = "seqd", tolerance: float = 0
 
 
 STYLE = {"warm": "-", "cold": ":", "dirichlet": "--", None: "-"}
+PLOTTED_INITS = (None, "warm", "dirichlet")  # cold starts are in the tables only
 
 
 def plot(records: list[dict], path: Path) -> None:
     """Per task: accuracy vs tokens per step (left) and paired RCD - SeqD at the fixed step
-    counts, mean with the min over seeds below (right)."""
+    counts, mean with the min over seeds below (right); warm and Dirichlet starts (solid,
+    dashed), SeqD solid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,6 +301,8 @@ def plot(records: list[dict], path: Path) -> None:
     for row, task in enumerate(tasks):
         left, right = axes[row]
         for variant, init in rows_of(records, task):
+            if init not in PLOTTED_INITS:
+                continue
             label = variant if init is None else f"{variant} {init}"
             color, style = colors.get(variant, "k"), STYLE.get(init, "-")
             points = [(k, v) for k, v in summary.items() if k[:3] == (task, variant, init)]
@@ -315,13 +323,14 @@ def plot(records: list[dict], path: Path) -> None:
                 right.fill_between(x, low, mean, color=color, alpha=0.08)
         left.set_xscale("log", base=2)
         left.set(xlabel="tokens per step", ylabel="exact match",
-                 title=f"{task}: accuracy (lines: fixed steps; squares: thresholds)")
-        right.set_xscale("log", base=2)
+                 title=f"{task}\naccuracy (lines: fixed steps; squares: thresholds)")
+        if right.lines:  # no paired lines without SeqD records (merge them in)
+            right.set_xscale("log", base=2)
         right.axhline(0, color="k", linewidth=0.8)
         right.axhline(0.03, color="g", linewidth=0.6, linestyle="--")
         right.axhline(-0.01, color="r", linewidth=0.6, linestyle="--")
         right.set(xlabel="tokens per step (fixed steps)", ylabel="RCD - SeqD (paired)",
-                  title=f"{task}: paired difference, mean (band down to the min seed)")
+                  title=f"{task}\nRCD - SeqD paired by seed: mean, band down to the worst seed")
         for axis in (left, right):
             axis.grid(alpha=0.3)
         left.legend(fontsize=6, ncol=2)
@@ -385,8 +394,10 @@ def main() -> None:
             write_json_atomic(out, {"config": config, "records": [
                 r for p in parts for r in p["records"]]}, indent=1)
         data = json.loads(out.read_text())
-        plot(data["records"], out.with_suffix(".png"))
-        print(report(data["records"]))
+        # --seeds and --variants select what the report shows (defaults: the main sweep's)
+        data["records"] = [r for r in data["records"] if r["seed"] in args.seeds
+                           and r["variant"] in args.variants]
+        publish(data, out)
         return
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("plot_only", "merge")}
@@ -402,8 +413,19 @@ def main() -> None:
                 records += run_one(task, seed, args, work)
                 # after every seed, whole: a kill mid-write must not lose the earlier seeds
                 write_json_atomic(out, {"config": config, "records": records}, indent=1)
-    plot(records, out.with_suffix(".png"))
-    print(report(records))
+    publish({"config": config, "records": records}, out)
+
+
+def publish(data: dict[str, Any], out: Path) -> None:
+    """pareto_<tag>.png and pareto_<tag>.md (the report, headed by the commands), and the
+    report on stdout."""
+    plot(data["records"], out.with_suffix(".png"))
+    config = data["config"]
+    commands = [part.get("command") for part in config.get("parts", [])] + [config["command"]]
+    text = report(data["records"])
+    write_text_atomic(out.with_suffix(".md"), "Commands:\n\n" + "".join(
+        f"    {command}\n" for command in commands) + "\n" + text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="do not append EOS to JSONL/dataset responses")
     parser.add_argument("--trust-remote-code", action="store_true")
     objective = parser.add_argument_group("objective (DiffusionArguments)")
-    add_arguments(objective, DiffusionArguments, overrides={"stage": {"required": True}})
+    add_arguments(objective, DiffusionArguments,
+                  overrides={"stage": {"required": True, "default": argparse.SUPPRESS}})
     tiny = parser.add_argument_group("fresh tiny model (--model tiny)")
     tiny.add_argument("--hidden-size", type=positive_int, default=64)
     tiny.add_argument("--layers", type=positive_int, default=2)

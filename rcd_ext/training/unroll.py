@@ -54,7 +54,8 @@ class UnrolledState:
     input_ids: [B, L] the noisy input with the loop's commits; masked: [B, L] bool, still
     masked; positions: [B, L] bool, where the residual goes (masked, rows with a residual);
     residual_logits: see `ResidualLogits` (None: no residual, a cold first step);
-    t: [B] the rows' masking rate for the loss's 1/t weight; steps: k; forwards: k.
+    t: [B] the rows' masking rate for the loss's 1/t weight; steps: k (also the no-grad
+    forwards the loop made).
     """
 
     input_ids: torch.Tensor
@@ -63,7 +64,6 @@ class UnrolledState:
     residual_logits: ResidualLogits
     t: torch.Tensor
     steps: int
-    forwards: int
 
 
 def draw_unroll_steps(max_steps: int, fraction: float) -> int:
@@ -136,7 +136,7 @@ def unroll(model: nn.Module, noisy: torch.Tensor, masked: torch.Tensor, residual
     lengths = response_mask.sum(1).clamp(min=1)
     t = (still.sum(1).clamp(min=1) / lengths).to(torch.float32)
     return UnrolledState(input_ids=ids, masked=still, positions=positions,
-                         residual_logits=residual, t=t, steps=steps, forwards=steps)
+                         residual_logits=residual, t=t, steps=steps)
 
 
 def _step_logits(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor,
